@@ -1,0 +1,51 @@
+"""`python -m engine`: argument parsing and output only; every computation lives in the library.
+
+Each sub-command is a module here with `register(subparsers)` (adds its parser and sets
+`handler=run`) and `run(args) -> int`. Bad input surfaces as a `MergeExplorerError`, which
+becomes exit code 2 and a single line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import MergeExplorerError
+
+# Order is the order shown in `--help`.
+COMMAND_MODULES = ("merge", "conflicts", "zoo", "evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="Merge Explorer engine: merge fine-tuned CLIP vision towers and inspect their interference.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as exc:  # a command whose issue has not landed yet
+            if exc.name == f"{__name__}.{module_name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a usage line on bad flags
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except MergeExplorerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
