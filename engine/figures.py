@@ -1,0 +1,382 @@
+"""Figures: plain results in, a Plotly figure out.
+
+Pure functions (no Streamlit, no torch): the app's pages, reports and tests all call them with
+JSON-like data (dicts and lists), so a figure can be rebuilt from a saved result. Every figure has
+a title, axis titles with units and a legend where there is more than one series.
+
+Conventions
+- Accuracies and rates arrive as fractions in [0, 1] and are drawn in percent.
+- k is the TIES keep fraction in percent (methods.md §3.2), λ is the merge scale.
+- The random-sign baseline (methods.md §3.6) is always a dashed grey line.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import plotly.graph_objects as go
+
+# One colour per role, shared by every figure so a student learns them once.
+COLORS = {
+    "merged": "#1f77b4",
+    "individual": "#2ca02c",
+    "pretrained": "#9a9a9a",
+    "baseline": "#7f7f7f",
+    "threshold": "#d62728",
+    "kept": "#1f77b4",
+    "dropped": "#c7c7c7",
+}
+# Methods side by side (sweeps): stable colours per registry name, a fallback cycle otherwise.
+METHOD_COLORS = {"average": "#9467bd", "task-arithmetic": "#ff7f0e", "ties": "#1f77b4"}
+_CYCLE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+BASELINE_NAME = "random-sign baseline"
+_LAYOUT = dict(
+    template="plotly_white",
+    margin=dict(l=60, r=20, t=70, b=60),
+    legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    hovermode="closest",
+)
+
+
+def _pct(values: Sequence[float | None]) -> list[float | None]:
+    return [None if v is None else 100.0 * float(v) for v in values]
+
+
+def _finish(fig: go.Figure, title: str, x_title: str, y_title: str, **layout: Any) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), **_LAYOUT)
+    fig.update_layout(**layout)
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def _method_color(name: str, index: int) -> str:
+    return METHOD_COLORS.get(name, _CYCLE[index % len(_CYCLE)])
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def accuracy_bars(
+    tasks: Sequence[str],
+    merged: Mapping[str, float],
+    individual: Mapping[str, float] | None = None,
+    pretrained: Mapping[str, float] | None = None,
+    *,
+    normalized: bool = False,
+    merged_label: str = "merged",
+) -> go.Figure:
+    """Per-task accuracy: merged model next to each task's own expert and the pretrained model.
+
+    With `normalized=True` every bar is divided by the expert's accuracy on that task (the
+    "normalised accuracy" of the merging literature), so 100 % means "as good as the expert".
+    """
+    tasks = list(tasks)
+    if normalized and not individual:
+        raise ValueError("normalised accuracy needs the individual (expert) accuracies")
+
+    def scaled(acc: Mapping[str, float]) -> list[float | None]:
+        out = []
+        for t in tasks:
+            v = acc.get(t)
+            if v is None:
+                out.append(None)
+            elif normalized:
+                ref = individual.get(t) if individual else None
+                out.append(None if not ref else v / ref)
+            else:
+                out.append(v)
+        return _pct(out)
+
+    fig = go.Figure()
+    series = [("pretrained (zero-shot)", pretrained, "pretrained"),
+              ("individual expert", individual, "individual"),
+              (merged_label, merged, "merged")]
+    for name, acc, role in series:
+        if not acc or (normalized and role == "individual"):
+            continue
+        y = scaled(acc)
+        fig.add_bar(name=name, x=tasks, y=y, marker_color=COLORS[role],
+                    text=[None if v is None else f"{v:.0f}" for v in y], textposition="outside",
+                    hovertemplate="%{x}: %{y:.1f} %<extra>" + name + "</extra>")
+    if normalized:
+        fig.add_hline(y=100.0, line_dash="dot", line_color=COLORS["individual"],
+                      annotation_text="expert = 100 %", annotation_position="top left")
+        y_title, title = "accuracy / expert accuracy (%)", "Per-task accuracy, normalised by each task's expert"
+    else:
+        y_title, title = "top-1 accuracy (%)", "Per-task accuracy: merged vs individual experts vs pretrained"
+    top = max([v for tr in fig.data for v in tr.y if v is not None] + [100.0])
+    return _finish(fig, title, "task", y_title, barmode="group", yaxis_range=[0, top * 1.12])
+
+
+# --------------------------------------------------------------------------- sign conflicts
+
+_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_of(tensor_name: str) -> str:
+    """Group a canonical tensor name into a layer label.
+
+    `visual.transformer.resblocks.3.attn.in_proj_weight` -> `resblocks.3`; names without a block
+    index fall back to their module (`visual.conv1.weight` -> `visual.conv1`).
+    """
+    parts = tensor_name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[max(0, i - 1): i + 1])
+    return ".".join(parts[:-1]) or tensor_name
+
+
+def _layer_sort_key(label: str) -> tuple:
+    m = _INDEX.search(label)
+    return (0, label.split(".")[0], int(m.group(1))) if m else (1, label, 0)
+
+
+def aggregate_by_layer(
+    per_tensor: Mapping[str, Mapping[str, float]],
+    numels: Mapping[str, int] | None = None,
+    metric: str = "rate_all",
+) -> tuple[list[str], list[float]]:
+    """Parameter-weighted mean of a per-tensor rate over the tensors of each layer.
+
+    Weights are the tensors' entry counts (all 1 when `numels` is None), so a layer's rate is
+    "fraction of that layer's parameters", the same denominator as the overall rate.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    order: list[str] = []
+    for name, stats in per_tensor.items():
+        value = stats.get(metric)
+        if value is None:
+            continue
+        w = float(numels.get(name, 1)) if numels else 1.0
+        layer = layer_of(name)
+        if layer not in sums:
+            order.append(layer)
+            sums[layer], weights[layer] = 0.0, 0.0
+        sums[layer] += w * float(value)
+        weights[layer] += w
+    order.sort(key=_layer_sort_key)
+    return order, [sums[layer] / weights[layer] if weights[layer] else 0.0 for layer in order]
+
+
+def short_tensor_name(name: str) -> str:
+    """Drop the common `visual.`/`transformer.` prefixes so axis labels stay readable."""
+    for prefix in ("visual.transformer.", "visual.", "transformer."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def conflict_by_tensor_bars(
+    per_tensor: Mapping[str, Mapping[str, float]],
+    *,
+    metric: str = "rate_all",
+    numels: Mapping[str, int] | None = None,
+    by_layer: bool = False,
+    k: float | None = None,
+) -> go.Figure:
+    """Sign-conflict rate of each tensor (or layer), with the random-sign baseline per bar."""
+    if by_layer:
+        labels, rates = aggregate_by_layer(per_tensor, numels, metric)
+        _, base = aggregate_by_layer(per_tensor, numels, "random_baseline")
+        x_title = "layer"
+    else:
+        names = list(per_tensor)
+        labels = [short_tensor_name(n) for n in names]
+        rates = [per_tensor[n].get(metric) for n in names]
+        base = [per_tensor[n].get("random_baseline") for n in names]
+        x_title = "tensor"
+    fig = go.Figure()
+    fig.add_bar(name=f"sign conflicts ({_METRIC_LABELS.get(metric, metric)})", x=labels, y=_pct(rates),
+                marker_color=COLORS["merged"], hovertemplate="%{x}: %{y:.2f} %<extra></extra>")
+    if any(b is not None for b in base):
+        fig.add_scatter(name=BASELINE_NAME, x=labels, y=_pct(base), mode="lines",
+                        line=dict(dash="dash", color=COLORS["baseline"]),
+                        hovertemplate="%{x}: %{y:.2f} %<extra>random signs</extra>")
+    where = f" at k = {k:g} %" if k is not None else ""
+    title = f"Sign-conflict rate per {'layer' if by_layer else 'tensor'}{where}"
+    return _finish(fig, title, x_title, _METRIC_AXIS.get(metric, "conflict rate (%)"),
+                   xaxis_tickangle=-45, height=max(420, 300 + 4 * len(labels)))
+
+
+_METRIC_LABELS = {
+    "rate_all": "share of all parameters",
+    "rate_nonzero": "share of parameters kept by ≥ 1 task",
+    "rate_nonzero2": "share of parameters kept by ≥ 2 tasks",
+}
+_METRIC_AXIS = {
+    "rate_all": "conflicting parameters (% of all)",
+    "rate_nonzero": "conflicting parameters (% of kept by ≥ 1 task)",
+    "rate_nonzero2": "conflicting parameters (% of kept by ≥ 2 tasks)",
+}
+
+
+def conflict_layer_k_heatmap(
+    layers: Sequence[str],
+    ks: Sequence[float],
+    rates: Sequence[Sequence[float]],
+    *,
+    metric: str = "rate_all",
+) -> go.Figure:
+    """Heatmap of conflict rate, layers (rows) × keep fraction k (columns); `rates[i][j]` is layer i at ks[j]."""
+    z = [_pct(row) for row in rates]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"{k:g}" for k in ks], y=list(layers), colorscale="Reds", zmin=0,
+        colorbar=dict(title=dict(text="conflicts (%)")),
+        hovertemplate="layer %{y}<br>k = %{x} %<br>%{z:.2f} %<extra></extra>",
+    ))
+    return _finish(fig, "Sign-conflict rate per layer as the trim keeps more (k)",
+                   "k: share of each task vector kept (%)", "layer",
+                   yaxis_autorange="reversed", height=max(420, 160 + 22 * len(layers)),
+                   xaxis_type="category", yaxis_title_text=f"layer ({_METRIC_LABELS.get(metric, metric)})")
+
+
+def _curve_figure(x: Sequence[float], curve: Mapping[str, Sequence[float]], metrics: Sequence[str],
+                  marker_x: float | None) -> go.Figure:
+    fig = go.Figure()
+    for i, m in enumerate(metrics):
+        if m not in curve:
+            continue
+        fig.add_scatter(name=f"measured ({_METRIC_LABELS.get(m, m)})", x=list(x), y=_pct(curve[m]),
+                        mode="lines+markers", line=dict(color=_CYCLE[i], dash="solid"),
+                        hovertemplate="%{x}: %{y:.1f} %<extra></extra>")
+    if "random_baseline" in curve:
+        fig.add_scatter(name=BASELINE_NAME, x=list(x), y=_pct(curve["random_baseline"]), mode="lines",
+                        line=dict(dash="dash", color=COLORS["baseline"]),
+                        hovertemplate="%{x}: %{y:.1f} %<extra>random signs</extra>")
+    if marker_x is not None:
+        fig.add_vline(x=marker_x, line_dash="dot", line_color=COLORS["threshold"],
+                      annotation_text="current", annotation_position="top")
+    return fig
+
+
+def conflict_vs_k(k_curve: Mapping[str, Sequence[float]], *, current_k: float | None = None,
+                  metrics: Sequence[str] = ("rate_all", "rate_nonzero2")) -> go.Figure:
+    """Overall conflict rate as the trim keeps more of each task vector, against random signs."""
+    fig = _curve_figure(k_curve["k"], k_curve, metrics, current_k)
+    return _finish(fig, "Sign conflicts grow as the trim keeps more (k)",
+                   "k: share of each task vector kept (%)", "conflicting parameters (%)",
+                   yaxis_rangemode="tozero")
+
+
+def conflict_vs_n_tasks(n_tasks_curve: Mapping[str, Sequence[float]], *, k: float | None = None,
+                        current_n: int | None = None) -> go.Figure:
+    """Overall conflict rate as more task vectors are merged, against random signs."""
+    fig = _curve_figure(n_tasks_curve["n"], n_tasks_curve, ("rate_all",), current_n)
+    where = f" (k = {k:g} %)" if k is not None else ""
+    fig.update_xaxes(dtick=1)
+    return _finish(fig, f"Sign conflicts grow with the number of merged tasks{where}",
+                   "number of tasks merged", "conflicting parameters (% of all)",
+                   yaxis_rangemode="tozero")
+
+
+def pairwise_conflict_heatmap(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> go.Figure:
+    """Task × task share of jointly-kept parameters whose signs disagree (methods.md §3.6)."""
+    tasks = list(tasks)
+    z = [_pct(row) for row in matrix]
+    text = [["" if v is None else f"{v:.0f}" for v in row] for row in z]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=tasks, y=tasks, colorscale="Reds", zmin=0, text=text, texttemplate="%{text}",
+        colorbar=dict(title=dict(text="disagree (%)")),
+        hovertemplate="%{y} vs %{x}: %{z:.1f} %<extra></extra>",
+    ))
+    return _finish(fig, "Pairwise sign disagreement between task vectors",
+                   "task", "task", yaxis_autorange="reversed",
+                   height=max(380, 200 + 40 * len(tasks)))
+
+
+def magnitude_histogram(hist: Mapping[str, Any], *, task: str, k: float | None = None) -> go.Figure:
+    """Distribution of |τ| for one task (log10 bins), the trim threshold as a red line.
+
+    `hist` is engine.analysis.magnitudes.magnitude_histogram's dict: edges (log10 |τ|), counts,
+    threshold (|τ| value, not log) and kept_fraction.
+    """
+    import math
+
+    edges = [float(e) for e in hist["edges"]]
+    counts = [float(c) for c in hist["counts"]]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    total = sum(counts) or 1.0
+    frac = [c / total for c in counts]
+    threshold = hist.get("threshold")
+    log_thr = math.log10(threshold) if threshold and threshold > 0 else None
+    kept = [log_thr is None or c >= log_thr for c in centers]
+    fig = go.Figure()
+    for is_kept, name, role in ((True, "kept by the trim", "kept"), (False, "trimmed to zero", "dropped")):
+        fig.add_bar(name=name, x=[c for c, k_ in zip(centers, kept) if k_ == is_kept],
+                    y=[f for f, k_ in zip(frac, kept) if k_ == is_kept],
+                    width=[w for w, k_ in zip(widths, kept) if k_ == is_kept],
+                    marker_color=COLORS[role], hovertemplate="log10|τ| ≈ %{x:.2f}: %{y:.4f}<extra></extra>")
+    if log_thr is not None:
+        kept_pct = 100.0 * float(hist.get("kept_fraction", 0.0))
+        label = f"trim threshold |τ| = {threshold:.2e} (keeps {kept_pct:.1f} %)"
+        fig.add_vline(x=log_thr, line_dash="dash", line_color=COLORS["threshold"], line_width=2,
+                      annotation_text=label, annotation_position="top left")
+    where = f" at k = {k:g} %" if k is not None else ""
+    return _finish(fig, f"Magnitudes of the '{task}' task vector{where}", "|τ| (log10)",
+                   "fraction of parameters", barmode="overlay", bargap=0)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+PARAM_AXIS = {"lam": "λ: scale of the merged task vector", "k": "k: share of each task vector kept (%)"}
+
+
+def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: bool = False,
+                individual: Mapping[str, float] | None = None) -> go.Figure:
+    """Accuracy vs the swept parameter, one line per method on the same axes.
+
+    `results` are engine.sweep.SweepResult objects or their `to_json()` dicts. `metric` is
+    "average" or a task name. Methods without the swept parameter appear as a flat dashed line
+    (their accuracy does not depend on it).
+    """
+    fig = go.Figure()
+    params = set()
+    for i, r in enumerate(results):
+        r = r if isinstance(r, Mapping) else r.to_json()
+        params.add(r["param"])
+        if metric == "average":
+            y = r["normalized_average"] if normalized else r["average"]
+        else:
+            y = list(r["per_task"][metric])
+            if normalized:
+                ref = (individual or {}).get(metric)
+                y = [None if (v is None or not ref) else v / ref for v in y]
+        fig.add_scatter(
+            name=r.get("label", r["method"]) + ("" if r.get("varies", True) else f" (no {r['param']})"),
+            x=list(r["values"]), y=_pct(y), mode="lines+markers" if r.get("varies", True) else "lines",
+            line=dict(color=_method_color(r["method"], i), dash="solid" if r.get("varies", True) else "dash"),
+            hovertemplate="%{x:g}: %{y:.1f} %<extra>" + r.get("label", r["method"]) + "</extra>",
+        )
+    if normalized:
+        fig.add_hline(y=100.0, line_dash="dot", line_color=COLORS["individual"],
+                      annotation_text="experts = 100 %", annotation_position="bottom right")
+    param = params.pop() if len(params) == 1 else "parameter"
+    what = "average accuracy" if metric == "average" else f"accuracy on '{metric}'"
+    y_title = ("normalised " if normalized else "") + ("average " if metric == "average" else "") + \
+        ("accuracy (% of expert)" if normalized else "top-1 accuracy (%)")
+    name = {"lam": "λ", "k": "k"}.get(param, param)
+    return _finish(fig, f"{what[0].upper() + what[1:]} vs {name}, methods side by side",
+                   PARAM_AXIS.get(param, param), y_title, yaxis_rangemode="tozero")
+
+
+def sweep_per_task_lines(result: Any, *, normalized: bool = False,
+                         individual: Mapping[str, float] | None = None) -> go.Figure:
+    """One method's per-task accuracy vs the swept parameter (one line per task)."""
+    r = result if isinstance(result, Mapping) else result.to_json()
+    fig = go.Figure()
+    for i, (task, ys) in enumerate(r["per_task"].items()):
+        ref = (individual or {}).get(task)
+        y = [None if v is None else (v / ref if normalized and ref else v) for v in ys]
+        fig.add_scatter(name=task, x=list(r["values"]), y=_pct(y), mode="lines+markers",
+                        line=dict(color=_CYCLE[i % len(_CYCLE)]),
+                        hovertemplate="%{x:g}: %{y:.1f} %<extra>" + task + "</extra>")
+    name = {"lam": "λ", "k": "k"}.get(r["param"], r["param"])
+    return _finish(fig, f"{r.get('label', r['method'])}: per-task accuracy vs {name}",
+                   PARAM_AXIS.get(r["param"], r["param"]),
+                   "accuracy (% of expert)" if normalized else "top-1 accuracy (%)",
+                   yaxis_rangemode="tozero")

@@ -1,0 +1,176 @@
+"""engine.figures: every figure from hand-made results, as a page would call it.
+
+Each test also checks the teaching contract: a title, axis titles with units, and the
+random-sign baseline drawn dashed where there is one.
+"""
+from __future__ import annotations
+
+import math
+
+import plotly.graph_objects as go
+import pytest
+
+from engine import figures
+from engine.sweep import SweepResult
+
+TASKS = ["digits", "shapes", "textures"]
+
+
+def assert_labelled(fig: go.Figure, *, x_unit: str | None = None, y_unit: str | None = None) -> None:
+    assert isinstance(fig, go.Figure)
+    assert fig.layout.title.text, "every figure needs a title"
+    assert fig.layout.xaxis.title.text, "every figure needs an x-axis title"
+    assert fig.layout.yaxis.title.text, "every figure needs a y-axis title"
+    if x_unit:
+        assert x_unit in fig.layout.xaxis.title.text
+    if y_unit:
+        assert y_unit in fig.layout.yaxis.title.text
+    fig.to_json()  # serialisable, as st.plotly_chart needs
+
+
+def trace(fig: go.Figure, name: str):
+    matches = [t for t in fig.data if t.name == name]
+    assert matches, f"no trace {name!r} in {[t.name for t in fig.data]}"
+    return matches[0]
+
+
+def test_accuracy_bars_absolute_shows_three_series_in_percent():
+    merged = {"digits": 0.80, "shapes": 0.60, "textures": 0.50}
+    individual = {"digits": 0.95, "shapes": 0.90, "textures": 0.75}
+    pretrained = {"digits": 0.30, "shapes": 0.20, "textures": 0.25}
+    fig = figures.accuracy_bars(TASKS, merged, individual, pretrained, merged_label="TIES")
+    assert_labelled(fig, y_unit="%")
+    assert list(trace(fig, "TIES").y) == pytest.approx([80.0, 60.0, 50.0])
+    assert list(trace(fig, "individual expert").y) == pytest.approx([95.0, 90.0, 75.0])
+    assert list(trace(fig, "pretrained (zero-shot)").y) == pytest.approx([30.0, 20.0, 25.0])
+    assert list(trace(fig, "TIES").x) == TASKS
+
+
+def test_accuracy_bars_normalised_divides_by_the_expert():
+    merged = {"digits": 0.50, "shapes": 0.45}
+    individual = {"digits": 1.0, "shapes": 0.90}
+    fig = figures.accuracy_bars(["digits", "shapes"], merged, individual, normalized=True)
+    assert_labelled(fig, y_unit="%")
+    assert list(trace(fig, "merged").y) == pytest.approx([50.0, 50.0])
+    assert all(t.name != "individual expert" for t in fig.data)  # it is the 100 % line instead
+    assert fig.layout.shapes[0].y0 == 100.0
+    with pytest.raises(ValueError):
+        figures.accuracy_bars(["digits"], merged, None, normalized=True)
+
+
+def test_layer_grouping_and_parameter_weighted_aggregate():
+    assert figures.layer_of("visual.transformer.resblocks.3.attn.in_proj_weight") == "resblocks.3"
+    assert figures.layer_of("visual.conv1.weight") == "visual.conv1"
+    per_tensor = {
+        "visual.transformer.resblocks.10.mlp.c_fc.weight": {"rate_all": 0.5},
+        "visual.transformer.resblocks.2.attn.in_proj_weight": {"rate_all": 0.1},
+        "visual.transformer.resblocks.2.ln_1.bias": {"rate_all": 0.4},
+        "visual.conv1.weight": {"rate_all": 0.2},
+    }
+    numels = {"visual.transformer.resblocks.2.attn.in_proj_weight": 300,
+              "visual.transformer.resblocks.2.ln_1.bias": 100}
+    layers, rates = figures.aggregate_by_layer(per_tensor, numels)
+    assert layers == ["resblocks.2", "resblocks.10", "visual.conv1"]  # numeric order, not string order
+    assert rates[0] == pytest.approx((300 * 0.1 + 100 * 0.4) / 400)
+
+
+def test_conflict_by_tensor_bars_have_a_dashed_random_baseline():
+    per_tensor = {
+        "visual.transformer.resblocks.0.attn.in_proj_weight": {"rate_all": 0.12, "random_baseline": 0.10},
+        "visual.transformer.resblocks.1.attn.in_proj_weight": {"rate_all": 0.20, "random_baseline": 0.10},
+    }
+    fig = figures.conflict_by_tensor_bars(per_tensor, k=20)
+    assert_labelled(fig, y_unit="%")
+    bars = fig.data[0]
+    assert list(bars.y) == pytest.approx([12.0, 20.0])
+    assert list(bars.x) == ["resblocks.0.attn.in_proj_weight", "resblocks.1.attn.in_proj_weight"]
+    base = trace(fig, figures.BASELINE_NAME)
+    assert base.line.dash == "dash"
+    assert "k = 20 %" in fig.layout.title.text
+    by_layer = figures.conflict_by_tensor_bars(per_tensor, by_layer=True)
+    assert list(by_layer.data[0].x) == ["resblocks.0", "resblocks.1"]
+
+
+def test_conflict_layer_k_heatmap_is_layers_by_k_in_percent():
+    fig = figures.conflict_layer_k_heatmap(["resblocks.0", "resblocks.1"], [10, 20, 50],
+                                           [[0.01, 0.02, 0.10], [0.03, 0.05, 0.20]])
+    assert_labelled(fig, x_unit="%")
+    hm = fig.data[0]
+    assert list(hm.x) == ["10", "20", "50"]
+    assert hm.z[1][2] == pytest.approx(20.0)
+
+
+def test_conflict_vs_k_and_vs_n_tasks_with_baseline():
+    k_curve = {"k": [5, 20, 50, 100], "rate_all": [0.001, 0.02, 0.12, 0.45],
+               "rate_nonzero2": [0.3, 0.4, 0.45, 0.45], "random_baseline": [0.0007, 0.0116, 0.0703, 0.5]}
+    fig = figures.conflict_vs_k(k_curve, current_k=20)
+    assert_labelled(fig, x_unit="%", y_unit="%")
+    assert list(trace(fig, figures.BASELINE_NAME).y) == pytest.approx([0.07, 1.16, 7.03, 50.0])
+    assert trace(fig, figures.BASELINE_NAME).line.dash == "dash"
+    assert len([t for t in fig.data if t.name.startswith("measured")]) == 2
+    assert fig.layout.shapes[0].x0 == 20  # the current k is marked
+
+    # random baseline of methods.md §3.6 at k = 0.2: 1 - 2*0.9^n + 0.8^n
+    ns = [2, 3, 4]
+    n_curve = {"n": ns, "rate_all": [0.03, 0.07, 0.12],
+               "random_baseline": [1 - 2 * 0.9 ** n + 0.8 ** n for n in ns]}
+    fig = figures.conflict_vs_n_tasks(n_curve, k=20)
+    assert_labelled(fig, y_unit="%")
+    assert trace(fig, figures.BASELINE_NAME).y[0] == pytest.approx(2.0)
+    assert "k = 20 %" in fig.layout.title.text
+
+
+def test_pairwise_heatmap_is_square_and_symmetric_input_is_kept():
+    m = [[None, 0.3, 0.4], [0.3, None, 0.5], [0.4, 0.5, None]]
+    fig = figures.pairwise_conflict_heatmap(TASKS, m)
+    assert_labelled(fig)
+    hm = fig.data[0]
+    assert list(hm.x) == TASKS and list(hm.y) == TASKS
+    assert hm.z[0][1] == pytest.approx(30.0) and hm.z[0][0] is None
+
+
+def test_magnitude_histogram_marks_the_threshold_and_splits_kept_from_trimmed():
+    hist = {"edges": [-6, -5, -4, -3, -2], "counts": [10, 40, 30, 20], "threshold": 10 ** -3.2,
+            "kept_fraction": 0.2}
+    fig = figures.magnitude_histogram(hist, task="digits", k=20)
+    assert_labelled(fig, x_unit="log10", y_unit="fraction of parameters")
+    kept, dropped = trace(fig, "kept by the trim"), trace(fig, "trimmed to zero")
+    assert list(kept.x) == [-2.5] and list(dropped.x) == [-5.5, -4.5, -3.5]
+    assert sum(kept.y) + sum(dropped.y) == pytest.approx(1.0)
+    line = fig.layout.shapes[0]
+    assert line.x0 == pytest.approx(-3.2) and line.line.dash == "dash"
+    assert "20.0 %" in fig.layout.annotations[0].text
+    assert "digits" in fig.layout.title.text
+
+
+def _sweep(method, label, values, avg, varies=True):
+    return SweepResult(method=method, label=label, param="lam", values=values, config={}, tasks=TASKS,
+                       per_task={t: list(avg) for t in TASKS}, average=list(avg),
+                       normalized_average=[a / 0.9 for a in avg], varies=varies)
+
+
+def test_sweep_lines_put_methods_on_one_axis():
+    values = [0.2, 0.6, 1.0]
+    results = [_sweep("average", "Weight averaging", values, [0.5] * 3, varies=False),
+               _sweep("task-arithmetic", "Task Arithmetic", values, [0.5, 0.7, 0.4]),
+               _sweep("ties", "TIES", values, [0.4, 0.6, 0.75])]
+    fig = figures.sweep_lines(results)
+    assert_labelled(fig, y_unit="%")
+    assert "λ" in fig.layout.xaxis.title.text
+    assert len(fig.data) == 3
+    assert list(trace(fig, "TIES").y) == pytest.approx([40.0, 60.0, 75.0])
+    flat = trace(fig, "Weight averaging (no lam)")
+    assert flat.line.dash == "dash"
+    norm = figures.sweep_lines([r.to_json() for r in results], normalized=True)
+    assert trace(norm, "TIES").y[2] == pytest.approx(75.0 / 0.9)
+    per_task = figures.sweep_lines(results, metric="shapes", normalized=True,
+                                   individual={"shapes": 0.8})
+    assert trace(per_task, "TIES").y[0] == pytest.approx(50.0)
+
+
+def test_sweep_per_task_lines_one_line_per_task():
+    r = _sweep("ties", "TIES", [0.5, 1.0], [0.6, 0.7])
+    fig = figures.sweep_per_task_lines(r)
+    assert_labelled(fig, y_unit="%")
+    assert [t.name for t in fig.data] == TASKS
+    assert not any(v is None or math.isnan(v) for v in fig.data[0].y)
