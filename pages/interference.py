@@ -1,0 +1,132 @@
+"""Interference: where the experts' task vectors disagree in sign, and how much TIES trims away."""
+from __future__ import annotations
+
+import math
+
+import streamlit as st
+
+from engine import figures
+from engine.errors import MergeExplorerError
+from engine.methods import METHODS
+from pages import _shared as shared
+
+HEATMAP_KS = (5.0, 10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
+VIEWS = {"layer": "bars per layer", "tensor": "bars per tensor", "heatmap": "heatmap: layers × k"}
+METRICS = {"rate_all": "all parameters", "rate_nonzero2": "parameters kept by ≥ 2 tasks"}
+
+shared.start_page("interference")
+st.title("Interference")
+st.markdown("Two experts **conflict** on a parameter when, after trimming, one pushes it up (τ > 0) and another "
+            "pushes it down (τ < 0). Merging must then pick a side: that is interference.")
+act = shared.active()
+
+c1, c2, c3 = st.columns([2, 1.2, 1], gap="medium")
+with c1:
+    tasks = shared.task_selector(act, "Tasks compared")
+with c2:
+    ties_params = shared.config_widgets(METHODS["ties"], only=("k", "trim"))
+with c3:
+    metric = shared.bind(
+        st.radio, "metric", "rate_all", "Conflict rate out of", list(METRICS), format_func=METRICS.get,
+        valid=lambda v: v in METRICS,
+        help="Denominator: every parameter (the TIES paper's plot), or only parameters that at least two tasks "
+             "kept after trimming (where a conflict is possible at all).")
+k, trim = float(ties_params["k"]), ties_params["trim"]
+
+try:
+    if k <= 0:
+        raise MergeExplorerError("trim k must be above 0 %: k = 0 would drop every task vector")
+    if len(tasks) < 2:
+        raise MergeExplorerError("choose at least two tasks: a conflict needs two task vectors that disagree")
+    report = shared.conflict_report(act.key, tuple(tasks), k, trim, act)
+    st.session_state["last_conflicts"] = {"report": report, "k": k, "trim": trim, "tasks": tasks}
+except MergeExplorerError as exc:
+    st.error(str(exc), icon=":material/error:")
+    last = st.session_state.get("last_conflicts")
+    if last is None:
+        st.stop()
+    report, k, trim, tasks = last["report"], last["k"], last["trim"], last["tasks"]
+    st.caption(f"Still showing the last analysis that worked: k = {k:g} %, {trim} trim, {len(tasks)} tasks.")
+
+overall = report["overall"]
+m1, m2, m3 = st.columns(3)
+m1.metric("Conflicting parameters", f"{100 * overall['rate_all']:.2f} %",
+          help="Share of all parameters where at least one kept task vector is positive and another negative.")
+m2.metric("…among parameters kept by ≥ 2 tasks", f"{100 * overall['rate_nonzero2']:.1f} %",
+          help="Same count, divided only by the parameters where two or more tasks survived the trim.")
+m3.metric("Random-sign baseline", f"{100 * overall['random_baseline']:.2f} %",
+          delta=f"{100 * (overall['rate_all'] - overall['random_baseline']):+.2f} pts measured − random",
+          delta_color="off",
+          help="What the first number would be if each task kept a random k % of parameters with coin-flip signs.")
+
+# ---- per layer / tensor ---------------------------------------------------------------------
+view = shared.bind(st.segmented_control, "view", "layer", "Conflicts by", list(VIEWS), format_func=VIEWS.get,
+                   valid=lambda v: v in VIEWS, help="Bars at the current k, or a heatmap over several k values.")
+view = view or "layer"
+numels = {name: math.prod(shape) for name, shape in zip(act.stack.names, act.stack.shapes)}
+if view == "heatmap":
+    layer_rows: dict[float, list[float]] = {}
+    bar = None
+    for i, k_i in enumerate(HEATMAP_KS):
+        if bar is None:
+            bar = st.progress(0.0, text="Counting conflicts at each k…")
+        bar.progress(i / len(HEATMAP_KS), text=f"Counting conflicts at k = {k_i:g} % ({i + 1}/{len(HEATMAP_KS)})")
+        rep_i = shared.conflict_report(act.key, tuple(tasks), k_i, trim, act)
+        layers, rates = figures.aggregate_by_layer(rep_i["per_tensor"], numels, metric)
+        layer_rows[k_i] = rates
+    bar.empty()
+    z = [[layer_rows[k_i][row] for k_i in HEATMAP_KS] for row in range(len(layers))]
+    fig = figures.conflict_layer_k_heatmap(layers, HEATMAP_KS, z, metric=metric)
+    note = ("one row per layer (input side at the top), one column per keep fraction k. Darker = more of that "
+            "layer's parameters have task vectors pulling in opposite directions. Keeping more (larger k) "
+            "lets more small, noisy changes collide.")
+else:
+    fig = figures.conflict_by_tensor_bars(report["per_tensor"], metric=metric, numels=numels,
+                                          by_layer=view == "layer", k=k)
+    note = ("one bar per " + ("layer (its tensors pooled, weighted by size)" if view == "layer" else "weight tensor")
+            + ": the share of its parameters where the kept task vectors disagree in sign. The dashed line is "
+              "what random signs would give; bars above it mean the tasks fight more than chance there.")
+st.plotly_chart(fig, key="conflict_layers_chart", config={"displaylogo": False})
+shared.what_am_i_looking_at(note)
+
+# ---- curves ---------------------------------------------------------------------------------
+left, right = st.columns(2, gap="large")
+with left:
+    st.plotly_chart(figures.conflict_vs_k(report["k_curve"], current_k=k), key="conflict_k_chart",
+                    config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "the overall conflict rate as each task vector keeps more of its largest changes (k, in %). Solid: "
+        "measured on these experts; dashed: random signs. The dotted red line is the k chosen above.")
+with right:
+    st.plotly_chart(figures.conflict_vs_n_tasks(report["n_tasks_curve"], k=k, current_n=len(tasks)),
+                    key="conflict_n_chart", config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "the conflict rate when merging 2, 3, … of the chosen tasks at the current k. More tasks, more chances "
+        "that someone disagrees: this is why merging many experts gets harder.")
+
+left, right = st.columns(2, gap="large")
+with left:
+    st.plotly_chart(figures.pairwise_conflict_heatmap(report["tasks"], report["pairwise"]),
+                    key="pairwise_chart", config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "for each pair of tasks, among the parameters both kept after trimming, the % whose signs disagree. "
+        "About 50 % means unrelated directions; lower means the two tasks changed the model alike.")
+with right:
+    mag_task = shared.bind(st.selectbox, "mag_task", act.tasks[0], "Task vector to inspect", act.tasks,
+                           url_key="task", valid=lambda v: v in act.tasks,
+                           help="Whose task vector τ = θ_task − θ₀ to show in the histogram below.")
+    try:
+        hist = shared.magnitude_report(act.key, mag_task, k, trim, act)
+    except MergeExplorerError as exc:
+        st.error(str(exc), icon=":material/error:")
+    else:
+        st.plotly_chart(figures.magnitude_histogram(hist, task=mag_task, k=k), key="magnitude_chart",
+                        config={"displaylogo": False})
+        shared.what_am_i_looking_at(
+            "how big the changes made by fine-tuning are, on a log scale (each step right = 10× larger). "
+            "TIES keeps only the blue part right of the red threshold (the top k %) and resets the grey part "
+            "to the pretrained value." + (" With per-tensor trim each tensor has its own threshold; the line "
+                                          "shows a typical one." if trim != "global" else ""))
+
+shared.sync_url({"tasks": shared.url_tasks(act, tasks), "k": k, "trim": trim, "metric": metric, "view": view,
+                 "task": mag_task})

@@ -1,0 +1,137 @@
+"""Sweep: accuracy vs λ or vs k, every method on the same axes."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import streamlit as st
+
+from engine import figures
+from engine.errors import MergeExplorerError
+from engine.methods import METHODS
+from engine.sweep import sweep_methods
+from pages import _shared as shared
+
+PARAMS = {"lam": "λ (scaling)", "k": "k (TIES trim, %)"}
+RANGES = {"lam": (0.0, 3.0, 0.05, (0.1, 1.5)), "k": (1.0, 100.0, 1.0, (5.0, 100.0))}
+STORE_SIZE = 32
+
+shared.start_page("sweep")
+st.title("Sweep")
+st.markdown("Merge the same experts at many values of one hyperparameter and watch the accuracy move. "
+            "A method without that hyperparameter is drawn as a flat dashed line, for reference.")
+act = shared.active()
+if act.zoo is None:
+    st.info("Sweeps measure accuracy, which needs test sets: switch to the demo zoo in the sidebar.")
+    st.stop()
+
+
+@st.cache_resource
+def _sweep_store() -> OrderedDict:
+    """Finished sweeps, shared by every session (a class opening the same link sees them at once)."""
+    return OrderedDict()
+
+
+c1, c2, c3 = st.columns([1, 1.4, 1.2], gap="medium")
+with c1:
+    param = shared.bind(st.radio, "sweep", "lam", "Sweep over", list(PARAMS), format_func=PARAMS.get,
+                        valid=lambda v: v in PARAMS,
+                        help="λ scales the whole merged change; k is how much of each task vector TIES keeps.")
+    lo, hi, step, default_range = RANGES[param]
+    value_range = shared.bind(st.slider, f"range_{param}", default_range, "Range", min_value=lo, max_value=hi,
+                              step=step, url_key=f"{param}_range",
+                              valid=lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and lo <= v[0] <= v[1] <= hi,
+                              help="Smallest and largest value tried.")
+    n_points = shared.bind(st.slider, "points", 8, "Points", min_value=2, max_value=16,
+                           help="How many evenly spaced values between the two ends (more = slower).")
+with c2:
+    method_names = shared.bind(st.multiselect, "methods", list(METHODS), "Methods", list(METHODS),
+                               format_func=lambda n: METHODS[n].label,
+                               valid=lambda v: isinstance(v, list) and all(m in METHODS for m in v),
+                               help="Which merge methods to draw side by side.")
+    tasks = shared.task_selector(act)
+with c3:
+    metric = shared.bind(st.selectbox, "sweep_metric", "average", "Show accuracy of", ["average", *act.tasks],
+                         url_key="metric", valid=lambda v: v == "average" or v in act.tasks,
+                         format_func=lambda v: "average over tasks" if v == "average" else f"task: {v}",
+                         help="The mean over the merged tasks, or one task's own accuracy.")
+    normalized = shared.bind(st.toggle, "norm", False, "Normalised accuracy",
+                             help="Divide by each expert's accuracy: 100 % means 'as good as the expert'.")
+
+# The other hyperparameters stay as set on the Merge page (or their defaults).
+configs = {}
+for name in method_names:
+    m = METHODS[name]
+    configs[name] = {f.name: shared.settings().get(f"{name}.{f.name}", f.default) for f in shared.method_fields(m)}
+fixed = ", ".join(f"{METHODS[n].label}: " + (", ".join(f"{k} = {v}" for k, v in c.items() if k != param) or "—")
+                  for n, c in configs.items())
+st.caption(f"Held fixed (set them on the Merge page): {fixed}")
+
+values = [round(float(v), 4) for v in np.linspace(value_range[0], value_range[1], int(n_points))]
+if param == "k":
+    values = sorted({max(v, 0.1) for v in values})
+shared.sync_url({"sweep": param, f"{param}_range": list(value_range), "points": n_points,
+                 "methods": ",".join(method_names), "tasks": shared.url_tasks(act, tasks),
+                 "metric": metric, "norm": normalized or None})
+
+key = json.dumps([act.key, param, values, method_names, tasks, configs], sort_keys=True, default=str)
+store = _sweep_store()
+run = st.button("Run sweep", type="primary", key="run_sweep", disabled=not method_names,
+                help=f"{len(values)} values × {len(method_names)} methods; progress is shown below, and changing "
+                     "any control stops the run.")
+if run and key not in store:
+    bar = st.progress(0.0, text="Starting the sweep…")
+    try:
+        from engine.evaluate import evaluate
+
+        stack = act.subset(tasks)
+        results = sweep_methods(stack, [METHODS[n] for n in method_names], param, values,
+                                evaluate_fn=lambda sd: evaluate(act.zoo, sd, tasks=tasks), configs=configs,
+                                progress=lambda f, msg: bar.progress(min(max(f, 0.0), 1.0), text=msg))
+    except MergeExplorerError as exc:
+        st.error(str(exc), icon=":material/error:")
+    else:
+        store[key] = [r.to_json() for r in results]
+        while len(store) > STORE_SIZE:
+            store.popitem(last=False)
+    bar.empty()
+
+results = store.get(key)
+if results is None:
+    st.info("Press **Run sweep** to merge and evaluate at every value (a few seconds on the demo zoo).")
+    st.stop()
+
+ref = shared.reference_accuracies(act.key, act)
+fig = figures.sweep_lines(results, metric=metric, normalized=normalized, individual=ref["individual"])
+st.plotly_chart(fig, key="sweep_chart", config={"displaylogo": False})
+shared.what_am_i_looking_at(
+    f"each line is one merge method; each point is a full merge at that value of {PARAMS[param]} followed by a "
+    "test on every task. The peak of a line is that method's best setting for these tasks; dashed lines are "
+    "methods that ignore this hyperparameter.")
+
+best_rows = []
+for r in results:
+    if r["varies"]:
+        i = int(np.argmax(r["average"]))
+        best_rows.append({"method": r["label"], f"best {param}": f"{r['values'][i]:g}",
+                          "average accuracy (%)": round(100 * r["average"][i], 1),
+                          "normalised average (%)": round(100 * r["normalized_average"][i], 1)})
+    else:
+        best_rows.append({"method": r["label"], f"best {param}": "— (no such parameter)",
+                          "average accuracy (%)": round(100 * r["average"][0], 1),
+                          "normalised average (%)": round(100 * r["normalized_average"][0], 1)})
+st.dataframe(best_rows, hide_index=True, width="stretch")
+
+varying = [r for r in results if r["varies"]]
+if varying:
+    labels = {r["method"]: r["label"] for r in varying}
+    which = shared.bind(st.selectbox, "per_task_method", varying[-1]["method"], "Per-task lines for", list(labels),
+                        format_func=labels.get, valid=lambda v: v in labels,
+                        help="Show every task's accuracy for one method.")
+    chosen = next(r for r in varying if r["method"] == which)
+    st.plotly_chart(figures.sweep_per_task_lines(chosen, normalized=normalized, individual=ref["individual"]),
+                    key="sweep_per_task_chart", config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "the same sweep for one method, one line per task. Tasks rarely peak at the same value: the best "
+        "average is a compromise between them.")
