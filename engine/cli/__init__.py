@@ -16,8 +16,15 @@ from ..errors import MergeExplorerError
 COMMAND_MODULES = ("merge", "conflicts", "zoo", "evaluate")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; the contract is one line on stderr and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m engine",
         description="Merge Explorer engine: merge fine-tuned CLIP vision towers and inspect their interference.",
     )

@@ -1,0 +1,1 @@
+"""Analyses of task vectors and merges: sign conflicts, magnitude distributions."""

@@ -1,0 +1,116 @@
+"""`python -m engine merge`: merge expert checkpoints with one method and optionally save/evaluate."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from ..device import resolve_device, resolve_dtype
+from ..errors import ConfigError
+from ..methods import METHODS, config_dict, get_method
+from ..task_vectors import TaskVectorStack
+from .common import add_device_arguments, print_json
+from .sources_args import add_source_arguments, source_from_args
+
+# Every hyperparameter flag any method declares; a flag the chosen method lacks is an error.
+_HYPERPARAMETER_FLAGS: dict[str, dataclasses.Field] = {}
+_DEFAULTS: dict[str, list[str]] = {}
+for _method in METHODS.values():
+    for _field in dataclasses.fields(_method.Config):
+        _HYPERPARAMETER_FLAGS.setdefault(_field.name, _field)
+        _DEFAULTS.setdefault(_field.name, []).append(f"{_method.name} {_field.default}")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "merge", help="merge fine-tuned checkpoints (averaging, Task Arithmetic, TIES)",
+        description="Merge fine-tuned checkpoints into one model: theta = theta_0 + merged task vector.")
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="merge method")
+    add_source_arguments(parser)
+    hyper = parser.add_argument_group("hyperparameters (defaults are each method's own)")
+    for name, field in _HYPERPARAMETER_FLAGS.items():
+        meta = field.metadata
+        kind = type(field.default)
+        hyper.add_argument(meta.get("flag") or f"--{name.replace('_', '-')}", dest=name, default=None,
+                           type=kind if kind in (int, float) else str, choices=meta.get("choices"),
+                           help=f"{meta['help']} (default: {', '.join(_DEFAULTS[name])})".replace("%", "%%"))
+    parser.add_argument("--include", nargs="+", metavar="GLOB", help="merge only tensors whose canonical name matches")
+    parser.add_argument("--exclude", nargs="+", metavar="GLOB", help="leave tensors whose name matches at theta_0")
+    parser.add_argument("--out", metavar="FILE.safetensors", help="write the merged checkpoint here (atomically)")
+    parser.add_argument("--evaluate", action="store_true", help="with --zoo: report per-task accuracy of the merge")
+    parser.add_argument("--json", action="store_true", help="print a JSON result instead of a summary")
+    add_device_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    method = get_method(args.method)
+    given = {name: getattr(args, name) for name in _HYPERPARAMETER_FLAGS if getattr(args, name) is not None}
+    config = method.config(**given)  # validates before any file is read
+    if args.out and not args.out.endswith(".safetensors"):
+        raise ConfigError(f"--out {args.out}: merged checkpoints are written as .safetensors")
+    source = source_from_args(args)
+    if args.evaluate and not source.can_evaluate:
+        raise ConfigError("--evaluate needs --zoo DIR (a zoo has the heads and test data to evaluate on)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+
+    start = time.perf_counter()
+    stack = TaskVectorStack.from_files(source.base_path, source.expert_paths, source.tasks, include=args.include,
+                                       exclude=args.exclude, device=device, dtype=dtype)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    delta = method.merge(stack, config)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    merge_s = time.perf_counter() - start
+    merged = stack.apply(delta)
+
+    save_s = None
+    if args.out:
+        from ..checkpoints import save_safetensors
+
+        start = time.perf_counter()
+        readers = stack.sources.get("readers", [])
+        metadata = {
+            "method": method.name,
+            "hyperparameters": config_dict(config),
+            "tasks": source.tasks,
+            "base": {"path": str(source.base_path), "sha256": readers[0].sha256() if readers else None},
+            "experts": [{"task": t, "path": str(p), "sha256": r.sha256()}
+                        for t, p, r in zip(source.tasks, source.expert_paths, readers[1:])],
+            "merged_tensors": len(stack.names),
+        }
+        save_safetensors(args.out, merged, metadata)
+        save_s = time.perf_counter() - start
+
+    result = {
+        "method": method.name,
+        "hyperparameters": config_dict(config),
+        "tasks": source.tasks,
+        "n_params_merged": stack.numel,
+        "device": str(device),
+        "timings": {"load_s": load_s, "merge_s": merge_s, "save_s": save_s},
+        "out": args.out,
+    }
+    if args.evaluate:
+        from ..evaluate import evaluate
+
+        start = time.perf_counter()
+        result["accuracy"] = evaluate(source.zoo, merged, tasks=source.tasks, device=args.device).to_json()
+        result["timings"]["evaluate_s"] = time.perf_counter() - start
+    if args.json:
+        print_json(result)
+    else:
+        params = ", ".join(f"{k}={v}" for k, v in config_dict(config).items()) or "no hyperparameters"
+        print(f"{method.label} ({params}) of {len(source.tasks)} tasks: {', '.join(source.tasks)}")
+        print(f"  {stack.numel:,} parameters merged on {device}; load {load_s:.2f} s, merge {merge_s:.3f} s"
+              + (f", save {save_s:.2f} s -> {args.out}" if save_s is not None else ""))
+        if "accuracy" in result:
+            acc = result["accuracy"]
+            print(f"  average accuracy {acc['average']:.1f} %, normalized {acc['normalized_average']:.3f}")
+            for task, pct in acc["per_task"].items():
+                print(f"    {task:>16}: {pct:5.1f} %")
+    return 0
