@@ -20,6 +20,7 @@ PAGES = [
     st.Page("pages/sweep.py", title="Sweep", icon=":material/monitoring:"),
 ]
 page = st.navigation(PAGES)
+shared.remember_start_url()
 shared.start_page("sidebar")  # widgets drawn by app.py on every page
 
 with st.sidebar:
@@ -43,7 +44,8 @@ with st.sidebar:
     st.session_state.pop("source_problem", None)
     if kind == "folder" and not path:
         st.info("Type the path of a folder of checkpoints.")
-        st.session_state["active"] = None
+        if st.session_state.get("active") is not None:
+            st.caption(f"Still showing: `{st.session_state['active'].path}`")
     else:
         try:
             act = shared.load_active(kind, path)

@@ -129,9 +129,15 @@ def layer_of(tensor_name: str) -> str:
     return ".".join(parts[:-1]) or tensor_name
 
 
+_INPUT_SIDE = ("embed", "pre", "conv1", "class", "positional")
+
+
 def _layer_sort_key(label: str) -> tuple:
+    """Input side (embeddings, pre-norm) first, then blocks in numeric order, then the output side."""
     m = _INDEX.search(label)
-    return (0, label.split(".")[0], int(m.group(1))) if m else (1, label, 0)
+    if m:
+        return (1, label.split(".")[0], int(m.group(1)))
+    return (0 if any(s in label for s in _INPUT_SIDE) else 2, label, 0)
 
 
 def aggregate_by_layer(
@@ -163,8 +169,9 @@ def aggregate_by_layer(
 
 
 def short_tensor_name(name: str) -> str:
-    """Drop the common `visual.`/`transformer.` prefixes so axis labels stay readable."""
-    for prefix in ("visual.transformer.", "visual.", "transformer."):
+    """Drop the common container prefixes (`encoder.`, `visual.transformer.`) so axis labels stay readable."""
+    for prefix in ("vision_model.encoder.", "vision_model.", "encoder.", "visual.transformer.", "visual.",
+                   "transformer."):
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
@@ -179,15 +186,16 @@ def conflict_by_tensor_bars(
     k: float | None = None,
 ) -> go.Figure:
     """Sign-conflict rate of each tensor (or layer), with the random-sign baseline per bar."""
+    baseline_key = _BASELINE_KEYS.get(metric, "random_baseline")
     if by_layer:
         labels, rates = aggregate_by_layer(per_tensor, numels, metric)
-        _, base = aggregate_by_layer(per_tensor, numels, "random_baseline")
+        _, base = aggregate_by_layer(per_tensor, numels, baseline_key)
         x_title = "layer"
     else:
         names = list(per_tensor)
         labels = [short_tensor_name(n) for n in names]
         rates = [per_tensor[n].get(metric) for n in names]
-        base = [per_tensor[n].get("random_baseline") for n in names]
+        base = [per_tensor[n].get(baseline_key) for n in names]
         x_title = "tensor"
     fig = go.Figure()
     fig.add_bar(name=f"sign conflicts ({_METRIC_LABELS.get(metric, metric)})", x=labels, y=_pct(rates),
@@ -204,34 +212,52 @@ def conflict_by_tensor_bars(
 
 _METRIC_LABELS = {
     "rate_all": "share of all parameters",
-    "rate_nonzero": "share of parameters kept by ≥ 1 task",
+    "rate_nonzero1": "share of parameters kept by ≥ 1 task",
     "rate_nonzero2": "share of parameters kept by ≥ 2 tasks",
 }
 _METRIC_AXIS = {
     "rate_all": "conflicting parameters (% of all)",
-    "rate_nonzero": "conflicting parameters (% of kept by ≥ 1 task)",
+    "rate_nonzero1": "conflicting parameters (% of kept by ≥ 1 task)",
     "rate_nonzero2": "conflicting parameters (% of kept by ≥ 2 tasks)",
 }
+# engine.analysis.conflicts reports the random-sign baseline under each denominator
+_BASELINE_KEYS = {"rate_all": "random_baseline", "rate_nonzero2": "random_baseline_nonzero2"}
+
+
+def layer_k_matrix(
+    per_tensor_k_curve: Mapping[str, Sequence[float]],
+    numels: Mapping[str, int] | None = None,
+) -> tuple[list[str], list[list[float]]]:
+    """Per-tensor conflict curves over the k grid -> (layers, rates[layer][k]) weighted by tensor size."""
+    names = list(per_tensor_k_curve)
+    if not names:
+        return [], []
+    n_k = len(per_tensor_k_curve[names[0]])
+    columns = [aggregate_by_layer({n: {"rate_all": per_tensor_k_curve[n][j]} for n in names}, numels)
+               for j in range(n_k)]
+    layers = columns[0][0]
+    return layers, [[columns[j][1][i] for j in range(n_k)] for i in range(len(layers))]
 
 
 def conflict_layer_k_heatmap(
     layers: Sequence[str],
     ks: Sequence[float],
     rates: Sequence[Sequence[float]],
-    *,
-    metric: str = "rate_all",
 ) -> go.Figure:
-    """Heatmap of conflict rate, layers (rows) × keep fraction k (columns); `rates[i][j]` is layer i at ks[j]."""
+    """Heatmap of conflict rate (share of all parameters), layers (rows) × keep fraction k (columns).
+
+    `rates[i][j]` is layer i at ks[j], e.g. from `layer_k_matrix(report["per_tensor_k_curve"])`.
+    """
     z = [_pct(row) for row in rates]
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"{k:g}" for k in ks], y=list(layers), colorscale="Reds", zmin=0,
-        colorbar=dict(title=dict(text="conflicts (%)")),
-        hovertemplate="layer %{y}<br>k = %{x} %<br>%{z:.2f} %<extra></extra>",
+        colorbar=dict(title=dict(text="conflicting<br>parameters (%)")),
+        hovertemplate="layer %{y}<br>k = %{x} %<br>%{z:.2f} % of its parameters conflict<extra></extra>",
     ))
     return _finish(fig, "Sign-conflict rate per layer as the trim keeps more (k)",
                    "k: share of each task vector kept (%)", "layer",
                    yaxis_autorange="reversed", height=max(420, 160 + 22 * len(layers)),
-                   xaxis_type="category", yaxis_title_text=f"layer ({_METRIC_LABELS.get(metric, metric)})")
+                   xaxis_type="category")
 
 
 def _curve_figure(x: Sequence[float], curve: Mapping[str, Sequence[float]], metrics: Sequence[str],
@@ -276,7 +302,8 @@ def conflict_vs_n_tasks(n_tasks_curve: Mapping[str, Sequence[float]], *, k: floa
 def pairwise_conflict_heatmap(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> go.Figure:
     """Task × task share of jointly-kept parameters whose signs disagree (methods.md §3.6)."""
     tasks = list(tasks)
-    z = [_pct(row) for row in matrix]
+    # a task never disagrees with itself: leave the diagonal blank rather than a misleading 0
+    z = [[None if i == j else v for j, v in enumerate(_pct(row))] for i, row in enumerate(matrix)]
     text = [["" if v is None else f"{v:.0f}" for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=tasks, y=tasks, colorscale="Reds", zmin=0, text=text, texttemplate="%{text}",

@@ -29,6 +29,7 @@ from engine.errors import MergeExplorerError
 ZOO_ENV = "MERGE_EXPLORER_ZOO"
 SETTINGS = "settings"
 PAGE_KEY = "page"  # which script is drawing widgets now (see start_page)
+START_URL = "start_url"
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,12 +37,30 @@ PAGE_KEY = "page"  # which script is drawing widgets now (see start_page)
 # --------------------------------------------------------------------------------------------
 
 def start_page(name: str) -> None:
-    """Declare which page draws the next widgets (first line of every page script).
+    """First line of every page script: make sure app.py is the router, then name the page.
+
+    Streamlit runs a script in `pages/` *directly* (its legacy multipage mode, no app.py, so no
+    sidebar and no model source) until some session has executed app.py's `st.navigation`: on a
+    freshly started server whose first visitor opens a shared link such as /merge?k=30, and in
+    AppTest after `switch_page`. Then we leave that mode and rerun, which goes through app.py and
+    lands on the same page.
 
     A widget's state belongs to the page that drew it, so each page binds a setting through its
     own widget key; the setting itself (in `settings()`) is what pages share.
     """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False  # what app.py's st.navigation sets
+        st.rerun()
     st.session_state[PAGE_KEY] = name
+
+
+def remember_start_url() -> None:
+    """Keep the query params the session was opened with: settings are read from them on first use,
+    even on a page reached later (the page shown first rewrites the URL to its own settings)."""
+    if START_URL not in st.session_state:
+        st.session_state[START_URL] = {k: st.query_params[k] for k in st.query_params}
 
 
 def settings() -> dict[str, Any]:
@@ -77,14 +96,18 @@ def _url_string(value: Any) -> str:
 
 
 def setting(name: str, default: Any, url_key: str | None = None) -> Any:
-    """The current value of a setting: session first, then the URL (first visit), then the default."""
+    """The current value of a setting: session first, then the URL (first visit), then the default.
+
+    `url_key` is the query-param name (default: `name`; "" = never read from the URL)."""
     store = settings()
     if name not in store:
         key = url_key or name
         value = default
-        if key in st.query_params:
+        start = st.session_state.get(START_URL)
+        url = start if start is not None else {k: st.query_params[k] for k in st.query_params}
+        if url_key != "" and key in url:
             try:
-                value = _url_value(st.query_params[key], default)
+                value = _url_value(url[key], default)
             except (TypeError, ValueError):
                 value = default  # a hand-edited link with a bad value: fall back quietly
         store[name] = value
@@ -128,6 +151,9 @@ def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str
     """
     values: dict[str, Any] = {}
     prefix = prefix or method.name
+    start = st.session_state.get(START_URL) or {}
+    # A link's bare `lam`/`k` belong to the link's method (TIES when it names none).
+    url_ok = start.get("method", "ties") == method.name
     for f in method_fields(method):
         if only is not None and f.name not in only:
             continue
@@ -135,26 +161,27 @@ def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str
         label, help_ = meta.get("label") or f.name, meta.get("help")
         default = f.default
         name = f"{prefix}.{f.name}"
+        url_key = f.name if url_ok else ""
         if meta.get("choices"):
             choices = list(meta["choices"])
             if len(choices) <= 2:
-                values[f.name] = bind(st.radio, name, default, label, choices, url_key=f.name, help=help_,
+                values[f.name] = bind(st.radio, name, default, label, choices, url_key=url_key, help=help_,
                                       horizontal=True, valid=lambda v, c=choices: v in c)
             else:
-                values[f.name] = bind(st.selectbox, name, default, label, choices, url_key=f.name, help=help_,
+                values[f.name] = bind(st.selectbox, name, default, label, choices, url_key=url_key, help=help_,
                                       valid=lambda v, c=choices: v in c)
         elif isinstance(default, bool):
-            values[f.name] = bind(st.toggle, name, default, label, url_key=f.name, help=help_)
+            values[f.name] = bind(st.toggle, name, default, label, url_key=url_key, help=help_)
         elif isinstance(default, (int, float)):
             lo, hi, step = meta.get("min"), meta.get("max"), meta.get("step")
             cast = int if isinstance(default, int) else float
             lo = cast(lo if lo is not None else 0)
             hi = cast(hi if hi is not None else max(1, default * 2))
             values[f.name] = bind(st.slider, name, cast(default), label, min_value=lo, max_value=hi,
-                                  step=cast(step) if step else None, url_key=f.name, help=help_,
+                                  step=cast(step) if step else None, url_key=url_key, help=help_,
                                   valid=lambda v, lo=lo, hi=hi: isinstance(v, (int, float)) and lo <= v <= hi)
         else:
-            values[f.name] = bind(st.text_input, name, str(default), label, url_key=f.name, help=help_)
+            values[f.name] = bind(st.text_input, name, str(default), label, url_key=url_key, help=help_)
     return values
 
 

@@ -10,7 +10,6 @@ from engine.errors import MergeExplorerError
 from engine.methods import METHODS
 from pages import _shared as shared
 
-HEATMAP_KS = (5.0, 10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
 VIEWS = {"layer": "bars per layer", "tensor": "bars per tensor", "heatmap": "heatmap: layers × k"}
 METRICS = {"rate_all": "all parameters", "rate_nonzero2": "parameters kept by ≥ 2 tasks"}
 
@@ -65,21 +64,13 @@ view = shared.bind(st.segmented_control, "view", "layer", "Conflicts by", list(V
 view = view or "layer"
 numels = {name: math.prod(shape) for name, shape in zip(act.stack.names, act.stack.shapes)}
 if view == "heatmap":
-    layer_rows: dict[float, list[float]] = {}
-    bar = None
-    for i, k_i in enumerate(HEATMAP_KS):
-        if bar is None:
-            bar = st.progress(0.0, text="Counting conflicts at each k…")
-        bar.progress(i / len(HEATMAP_KS), text=f"Counting conflicts at k = {k_i:g} % ({i + 1}/{len(HEATMAP_KS)})")
-        rep_i = shared.conflict_report(act.key, tuple(tasks), k_i, trim, act)
-        layers, rates = figures.aggregate_by_layer(rep_i["per_tensor"], numels, metric)
-        layer_rows[k_i] = rates
-    bar.empty()
-    z = [[layer_rows[k_i][row] for k_i in HEATMAP_KS] for row in range(len(layers))]
-    fig = figures.conflict_layer_k_heatmap(layers, HEATMAP_KS, z, metric=metric)
-    note = ("one row per layer (input side at the top), one column per keep fraction k. Darker = more of that "
-            "layer's parameters have task vectors pulling in opposite directions. Keeping more (larger k) "
-            "lets more small, noisy changes collide.")
+    # one analysis pass already gives every tensor's conflict rate over the whole k grid
+    layers, z = figures.layer_k_matrix(report["per_tensor_k_curve"], numels)
+    fig = figures.conflict_layer_k_heatmap(layers, report["k_curve"]["k"], z)
+    note = ("one row per layer (input side at the top), one column per keep fraction k; the colour is the share "
+            "of that layer's parameters where kept task vectors pull in opposite directions (out of all "
+            "parameters, whatever the denominator above). Keeping more (larger k) lets more small, noisy "
+            "changes collide.")
 else:
     fig = figures.conflict_by_tensor_bars(report["per_tensor"], metric=metric, numels=numels,
                                           by_layer=view == "layer", k=k)

@@ -61,6 +61,8 @@ def test_accuracy_bars_normalised_divides_by_the_expert():
 def test_layer_grouping_and_parameter_weighted_aggregate():
     assert figures.layer_of("visual.transformer.resblocks.3.attn.in_proj_weight") == "resblocks.3"
     assert figures.layer_of("visual.conv1.weight") == "visual.conv1"
+    assert figures.layer_of("encoder.layers.11.mlp.fc1.weight") == "layers.11"  # canonical (HF) names
+    assert figures.short_tensor_name("encoder.layers.11.mlp.fc1.weight") == "layers.11.mlp.fc1.weight"
     per_tensor = {
         "visual.transformer.resblocks.10.mlp.c_fc.weight": {"rate_all": 0.5},
         "visual.transformer.resblocks.2.attn.in_proj_weight": {"rate_all": 0.1},
@@ -70,8 +72,8 @@ def test_layer_grouping_and_parameter_weighted_aggregate():
     numels = {"visual.transformer.resblocks.2.attn.in_proj_weight": 300,
               "visual.transformer.resblocks.2.ln_1.bias": 100}
     layers, rates = figures.aggregate_by_layer(per_tensor, numels)
-    assert layers == ["resblocks.2", "resblocks.10", "visual.conv1"]  # numeric order, not string order
-    assert rates[0] == pytest.approx((300 * 0.1 + 100 * 0.4) / 400)
+    assert layers == ["visual.conv1", "resblocks.2", "resblocks.10"]  # input side first, numeric order
+    assert rates[1] == pytest.approx((300 * 0.1 + 100 * 0.4) / 400)
 
 
 def test_conflict_by_tensor_bars_have_a_dashed_random_baseline():
@@ -89,6 +91,23 @@ def test_conflict_by_tensor_bars_have_a_dashed_random_baseline():
     assert "k = 20 %" in fig.layout.title.text
     by_layer = figures.conflict_by_tensor_bars(per_tensor, by_layer=True)
     assert list(by_layer.data[0].x) == ["resblocks.0", "resblocks.1"]
+
+
+def test_layer_k_matrix_pools_tensor_curves_into_layers():
+    curves = {"encoder.layers.0.mlp.fc1.weight": [0.1, 0.3], "encoder.layers.0.layer_norm1.bias": [0.5, 0.5],
+              "encoder.layers.1.mlp.fc1.weight": [0.2, 0.4]}
+    numels = {"encoder.layers.0.mlp.fc1.weight": 3, "encoder.layers.0.layer_norm1.bias": 1,
+              "encoder.layers.1.mlp.fc1.weight": 8}
+    layers, z = figures.layer_k_matrix(curves, numels)
+    assert layers == ["layers.0", "layers.1"]
+    assert z[0] == pytest.approx([(3 * 0.1 + 0.5) / 4, (3 * 0.3 + 0.5) / 4]) and z[1] == pytest.approx([0.2, 0.4])
+
+
+def test_conflict_bars_use_the_baseline_of_the_chosen_denominator():
+    per_tensor = {"a.0.w": {"rate_nonzero2": 0.4, "random_baseline": 0.1, "random_baseline_nonzero2": 0.6}}
+    fig = figures.conflict_by_tensor_bars(per_tensor, metric="rate_nonzero2")
+    assert list(trace(fig, figures.BASELINE_NAME).y) == pytest.approx([60.0])
+    assert "≥ 2" in fig.layout.yaxis.title.text
 
 
 def test_conflict_layer_k_heatmap_is_layers_by_k_in_percent():
@@ -127,6 +146,8 @@ def test_pairwise_heatmap_is_square_and_symmetric_input_is_kept():
     hm = fig.data[0]
     assert list(hm.x) == TASKS and list(hm.y) == TASKS
     assert hm.z[0][1] == pytest.approx(30.0) and hm.z[0][0] is None
+    zero_diagonal = figures.pairwise_conflict_heatmap(TASKS[:2], [[0.0, 0.3], [0.3, 0.0]])
+    assert zero_diagonal.data[0].z[1][1] is None
 
 
 def test_magnitude_histogram_marks_the_threshold_and_splits_kept_from_trimmed():

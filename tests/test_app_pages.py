@@ -1,0 +1,350 @@
+"""Every page of the app, driven headless with streamlit.testing.v1.AppTest on the quick zoo.
+
+Read as a tour: open the app, switch pages, move widgets as a user would, and check the numbers
+and the figure data the page sends to the browser (plotly specs are JSON in the element protos).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+TIMEOUT_S = 180  # first runs JIT-compile kernels and evaluate the experts
+
+
+def zoo_root(quick_zoo) -> Path:
+    return Path(getattr(quick_zoo, "root", quick_zoo))
+
+
+@pytest.fixture(autouse=True)
+def router_mode(monkeypatch):
+    """Run pages through app.py's st.navigation, as a live server does after its first run.
+
+    AppTest resets `PagesManager.uses_pages_directory` before every run and, because page scripts
+    live in `pages/`, would fall back to Streamlit's legacy mode (the page script run on its own,
+    no app.py). The pages handle that mode with a rerun (pages/_shared.start_page), but a rerun
+    drops button clicks, so tests pin the mode st.navigation itself sets.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    original = PagesManager.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
+
+
+@pytest.fixture
+def app(quick_zoo, monkeypatch) -> AppTest:
+    monkeypatch.setenv("MERGE_EXPLORER_ZOO", str(zoo_root(quick_zoo)))
+    return AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+
+
+def open_page(at: AppTest, page: str | None = None) -> AppTest:
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.message for e in at.exception]
+
+
+def chart(at: AppTest, key: str) -> dict:
+    """The plotly figure (as JSON) of the chart drawn with st.plotly_chart(..., key=key)."""
+    for el in at.get("plotly_chart"):
+        if el.proto.id.endswith(f"-{key}"):
+            return json.loads(el.proto.spec)
+    raise AssertionError(f"no chart {key!r}; charts: {[el.proto.id for el in at.get('plotly_chart')]}")
+
+
+def trace(fig: dict, name_prefix: str) -> dict:
+    for tr in fig["data"]:
+        if tr.get("name", "").startswith(name_prefix):
+            return tr
+    raise AssertionError(f"no trace {name_prefix!r} in {[t.get('name') for t in fig['data']]}")
+
+
+def metric(at: AppTest, label: str) -> str:
+    for m in at.metric:
+        if m.label == label:
+            return m.value
+    raise AssertionError(f"no metric {label!r}; metrics: {[m.label for m in at.metric]}")
+
+
+def pct(text: str) -> float:
+    return float(text.replace("%", "").strip())
+
+
+def qp(at: AppTest, key: str) -> str | None:
+    values = at.query_params.get(key)
+    return values[-1] if values else None
+
+
+# --------------------------------------------------------------------------- navigation + Models
+
+
+def test_app_opens_on_models_with_the_zoo_tasks_size_and_device(app, quick_zoo):
+    at = open_page(app)
+    n_tasks = len(zoo_root_tasks(quick_zoo))
+    assert metric(at, "Experts (tasks)") == str(n_tasks)
+    assert metric(at, "Compute device") in ("CPU", "CUDA")
+    assert metric(at, "Parameters per model")
+    assert [h.value for h in at.markdown if h.value.startswith("#### ")] == \
+        [f"#### {t}" for t in zoo_root_tasks(quick_zoo)]
+    assert any("experts from the demo zoo" in s.value for s in at.sidebar.success)
+    assert len(at.image) >= 1  # example images of the tasks
+
+
+def zoo_root_tasks(quick_zoo) -> list[str]:
+    from engine.zoo.manifest import load_zoo
+
+    return load_zoo(zoo_root(quick_zoo)).task_names()
+
+
+def test_every_page_renders_without_exceptions(app):
+    at = open_page(app)
+    for page in ("merge", "interference", "sweep", "models"):
+        at.switch_page(f"pages/{page}.py").run()
+        assert_clean(at)
+        assert not at.error, [e.value for e in at.error]
+
+
+# --------------------------------------------------------------------------- Merge
+
+
+def test_ties_merge_shows_metrics_and_accuracy_bars(app):
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("ties").run()
+    at.slider(key="w.merge.ties.k").set_value(30.0).run()
+    assert_clean(at)
+
+    average = pct(metric(at, "Average accuracy"))
+    fig = chart(at, "accuracy_chart")
+    merged = trace(fig, "merged (TIES")
+    assert len(merged["x"]) == len(merged["y"]) >= 2
+    assert sum(merged["y"]) / len(merged["y"]) == pytest.approx(average, abs=0.06)  # metric is rounded
+    assert trace(fig, "individual expert") and trace(fig, "pretrained")
+    assert fig["layout"]["title"]["text"] and "%" in fig["layout"]["yaxis"]["title"]["text"]
+    assert any("What am I looking at" in c.value for c in at.caption)
+    assert at.download_button(key="download_merged").proto.label.startswith("Download merged checkpoint")
+    # the URL holds the view, so a link reopens it
+    assert qp(at, "method") == "ties" and float(qp(at, "k")) == 30.0 and qp(at, "trim") == "global"
+
+
+def test_moving_lambda_changes_the_merged_bars_and_normalised_view(app):
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("task-arithmetic").run()
+    at.slider(key="w.merge.task-arithmetic.lam").set_value(0.0).run()
+    at0 = trace(chart(at, "accuracy_chart"), "merged")["y"]
+    pretrained = trace(chart(at, "accuracy_chart"), "pretrained")["y"]
+    assert at0 == pytest.approx(pretrained, abs=1e-6)  # λ = 0 is the pretrained model
+    at.slider(key="w.merge.task-arithmetic.lam").set_value(0.5).run()
+    assert trace(chart(at, "accuracy_chart"), "merged")["y"] != at0
+
+    at.toggle(key="w.merge.norm").set_value(True).run()
+    fig = chart(at, "accuracy_chart")
+    assert "expert" in fig["layout"]["yaxis"]["title"]["text"]
+    assert all(t["name"] != "individual expert" for t in fig["data"])
+    assert qp(at, "norm") == "1" and float(qp(at, "lam")) == 0.5
+
+
+def test_failed_merge_shows_the_error_and_keeps_the_last_result(app):
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("ties").run()
+    before = trace(chart(at, "accuracy_chart"), "merged")["y"]
+    at.slider(key="w.merge.ties.k").set_value(0.0).run()  # k = 0 would trim everything away
+    assert_clean(at)
+    assert at.error and "k" in at.error[0].value
+    assert trace(chart(at, "accuracy_chart"), "merged")["y"] == before
+    assert any("Still showing the last merge" in c.value for c in at.caption)
+
+
+def test_merged_checkpoint_download_is_a_safetensors_file_with_provenance(app, tmp_path):
+    import safetensors.torch
+
+    from pages import _shared as shared
+
+    at = open_page(app, "merge")
+    act = at.session_state["active"]
+    data = shared.merged_checkpoint_bytes(act, act.tasks, "ties", {"k": 20.0, "lam": 1.0})
+    tensors = safetensors.torch.load(data)
+    assert set(act.stack.names) <= set(tensors)
+    from safetensors import safe_open  # metadata: how the file was made
+    path = tmp_path / "merged.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["merge_explorer"])
+    assert meta["method"] == "ties" and meta["config"]["k"] == 20.0 and meta["tasks"] == act.tasks
+
+
+def test_a_link_reopens_the_same_merge_view(app):
+    app.query_params.update({"method": "task-arithmetic", "lam": "0.45", "norm": "1"})
+    at = open_page(app, "merge")
+    assert at.radio(key="w.merge.method").value == "task-arithmetic"
+    assert at.slider(key="w.merge.task-arithmetic.lam").value == pytest.approx(0.45)
+    assert at.toggle(key="w.merge.norm").value is True
+    assert float(qp(at, "lam")) == pytest.approx(0.45)
+
+
+def test_subset_of_tasks_merges_only_those(app):
+    at = open_page(app, "merge")
+    tasks = at.session_state["active"].tasks
+    at.multiselect(key="w.merge.tasks").set_value(tasks[:2]).run()
+    assert_clean(at)
+    assert trace(chart(at, "accuracy_chart"), "merged")["x"] == tasks[:2]
+    assert qp(at, "tasks") == ",".join(tasks[:2])
+
+
+# --------------------------------------------------------------------------- Interference
+
+
+def test_interference_shows_conflicts_curves_pairwise_and_magnitudes(app):
+    at = open_page(app, "interference")
+    rate = pct(metric(at, "Conflicting parameters"))
+    assert 0.0 <= rate <= 100.0
+
+    per_layer = chart(at, "conflict_layers_chart")
+    assert per_layer["data"][0]["type"] == "bar" and "k = 20 %" in per_layer["layout"]["title"]["text"]
+    vs_k = chart(at, "conflict_k_chart")
+    baseline = trace(vs_k, "random-sign baseline")
+    assert baseline["line"]["dash"] == "dash"
+    assert "%" in vs_k["layout"]["xaxis"]["title"]["text"] and "%" in vs_k["layout"]["yaxis"]["title"]["text"]
+    vs_n = chart(at, "conflict_n_chart")
+    assert trace(vs_n, "random-sign baseline")
+    n_tasks = len(at.session_state["active"].tasks)
+    pairwise = chart(at, "pairwise_chart")["data"][0]
+    assert pairwise["type"] == "heatmap" and len(pairwise["z"]) == n_tasks
+    mags = chart(at, "magnitude_chart")
+    assert "log10" in mags["layout"]["xaxis"]["title"]["text"]
+    assert mags["layout"]["shapes"][0]["line"]["dash"] == "dash"  # the trim threshold
+    assert sum(len(c.value) > 0 for c in at.caption if "What am I looking at" in c.value) >= 5
+
+
+def test_interference_follows_k_trim_and_view(app):
+    at = open_page(app, "interference")
+    at.slider(key="w.interference.ties.k").set_value(50.0).run()
+    assert "k = 50 %" in chart(at, "conflict_layers_chart")["layout"]["title"]["text"]
+    assert chart(at, "conflict_k_chart")["layout"]["shapes"][0]["x0"] == 50.0
+    at.radio(key="w.interference.ties.trim").set_value("per-tensor").run()
+    assert_clean(at)
+    at.segmented_control(key="w.interference.view").set_value("tensor").run()
+    bars = chart(at, "conflict_layers_chart")["data"][0]
+    assert len(bars["x"]) == len(at.session_state["active"].stack.names)
+    at.segmented_control(key="w.interference.view").set_value("heatmap").run()
+    assert_clean(at)
+    heat = chart(at, "conflict_layers_chart")["data"][0]
+    assert heat["type"] == "heatmap" and len(heat["x"]) == 20  # k = 5, 10, ..., 100
+    assert qp(at, "k") == "50" and qp(at, "trim") == "per-tensor" and qp(at, "view") == "heatmap"
+
+
+def test_interference_needs_two_tasks(app):
+    at = open_page(app, "interference")
+    first = at.session_state["active"].tasks[0]
+    at.multiselect(key="w.interference.tasks").set_value([first]).run()
+    assert_clean(at)
+    assert at.error and "two tasks" in at.error[0].value
+    chart(at, "conflict_k_chart")  # the previous analysis stays on screen
+
+
+# --------------------------------------------------------------------------- Sweep
+
+
+def test_sweep_over_lambda_draws_methods_on_one_axis(app):
+    at = open_page(app, "sweep")
+    at.slider(key="w.sweep.points").set_value(3).run()
+    assert any("Run sweep" in i.value for i in at.info)
+    at.button(key="run_sweep").click().run()
+    assert_clean(at)
+    fig = chart(at, "sweep_chart")
+    names = [t["name"] for t in fig["data"]]
+    assert len(names) == 3 and any(n.startswith("TIES") for n in names)
+    ties = trace(fig, "TIES")
+    assert ties["x"] == pytest.approx([0.1, 0.8, 1.5])
+    assert all(0.0 <= y <= 100.0 for y in ties["y"])
+    flat = trace(fig, "Weight averaging")
+    assert flat["line"]["dash"] == "dash" and len(set(flat["y"])) == 1
+    assert "λ" in fig["layout"]["xaxis"]["title"]["text"]
+    per_task = chart(at, "sweep_per_task_chart")
+    assert len(per_task["data"]) == len(at.session_state["active"].tasks)
+
+
+def test_sweep_over_k_for_ties(app):
+    at = open_page(app, "sweep")
+    at.radio(key="w.sweep.sweep").set_value("k").run()
+    at.multiselect(key="w.sweep.methods").set_value(["ties"]).run()
+    at.slider(key="w.sweep.points").set_value(2).run()
+    at.button(key="run_sweep").click().run()
+    assert_clean(at)
+    fig = chart(at, "sweep_chart")
+    assert trace(fig, "TIES")["x"] == pytest.approx([5.0, 100.0])
+    assert "k" in fig["layout"]["xaxis"]["title"]["text"] and "%" in fig["layout"]["xaxis"]["title"]["text"]
+    assert qp(at, "sweep") == "k" and qp(at, "methods") == "ties"
+
+
+# --------------------------------------------------------------------------- model source
+
+
+def test_a_bad_folder_is_refused_with_a_clear_error_and_the_zoo_stays(app, tmp_path):
+    at = open_page(app, "merge")
+    at.sidebar.radio(key="w.sidebar.source").set_value("folder").run()
+    at.sidebar.text_input(key="w.sidebar.folder").input(str(tmp_path / "nope")).run()
+    assert_clean(at)
+    assert at.sidebar.error and "not a folder" in at.sidebar.error[0].value
+    chart(at, "accuracy_chart")  # the previous source still serves the page
+
+
+def test_a_folder_of_checkpoints_drives_the_interference_page(app, quick_zoo, tmp_path):
+    from engine.zoo.manifest import load_zoo
+
+    zoo = load_zoo(zoo_root(quick_zoo))
+    shutil.copy(zoo.pretrained_path, tmp_path / ("pretrained" + Path(zoo.pretrained_path).suffix))
+    for t in zoo.task_names()[:3]:
+        shutil.copy(zoo.expert_path(t), tmp_path / (t + Path(zoo.expert_path(t)).suffix))
+    at = open_page(app)
+    at.sidebar.radio(key="w.sidebar.source").set_value("folder").run()
+    at.sidebar.text_input(key="w.sidebar.folder").input(str(tmp_path)).run()
+    assert_clean(at)
+    assert not at.sidebar.error, [e.value for e in at.sidebar.error]
+    assert metric(at, "Experts (tasks)") == "3"
+    at.switch_page("pages/interference.py").run()
+    assert_clean(at)
+    assert not math.isnan(pct(metric(at, "Conflicting parameters")))
+    assert qp(at, "source") == "folder" and qp(at, "folder") == str(tmp_path)
+    at.switch_page("pages/merge.py").run()
+    assert_clean(at)
+    assert any("no test sets" in i.value for i in at.info)
+
+
+def test_a_shared_link_opened_first_on_a_fresh_server_goes_through_app_py(quick_zoo, monkeypatch):
+    """Legacy pages/ mode (no router yet): the page reruns itself through app.py, sidebar included."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    monkeypatch.undo()  # no router_mode pin: AppTest starts every run in legacy mode, like a fresh server
+    monkeypatch.setenv("MERGE_EXPLORER_ZOO", str(zoo_root(quick_zoo)))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    at.query_params.update({"method": "task-arithmetic", "lam": "0.6"})
+    at.run()
+    at.switch_page("pages/merge.py").run()
+    assert_clean(at)
+    assert PagesManager.uses_pages_directory is False
+    assert at.sidebar.radio(key="w.sidebar.source").value == "zoo"
+    assert at.slider(key="w.merge.task-arithmetic.lam").value == pytest.approx(0.6)
+    chart(at, "accuracy_chart")
+
+
+def test_missing_demo_zoo_offers_to_build_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGE_EXPLORER_ZOO", str(tmp_path / "no-zoo-here"))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
+    assert_clean(at)
+    assert any("not built yet" in w.value for w in at.warning)
+    assert at.button(key="build_zoo").proto.label == "Build the demo zoo"
