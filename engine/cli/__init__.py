@@ -13,7 +13,7 @@ import sys
 from ..errors import MergeExplorerError
 
 # Order is the order shown in `--help`.
-COMMAND_MODULES = ("merge", "conflicts", "zoo", "evaluate")
+COMMAND_MODULES = ("zoo", "evaluate", "merge", "conflicts", "interference", "ri", "continual")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
