@@ -1,0 +1,271 @@
+"""MINGLE's pieces on tiny layers where the answer is known (methods.md §4.3–4.7, checklist §4.9).
+
+Every test here runs in well under a second: tiny matrices and a 2-block, width-16 open_clip ViT.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from engine.methods.mingle import (GatedLinear, Mingle, MingleConfig, MingleEncoder, SplitQKVAttention,
+                                   accumulate_basis, distillation_loss, effective_rank, low_rank_expert,
+                                   project_out_previous, relaxed_projection, top_subspace)
+
+torch.set_num_threads(2)
+
+TINY_VIT = dict(image_size=8, patch_size=4, width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
+
+
+def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+# ---- expert construction (§4.3) -----------------------------------------------------------------
+
+def test_effective_rank_is_floor_exp_entropy():
+    assert effective_rank(torch.tensor([1.0, 1.0, 1.0, 1.0])) == 4  # flat spectrum: exp(log 4) = 4
+    assert effective_rank(torch.tensor([5.0, 0.0, 0.0])) == 1  # zeros do not give NaN (xlogy)
+    assert effective_rank(torch.zeros(3)) == 0
+    s = torch.tensor([3.0, 2.0, 1.0])
+    p = s / s.sum()
+    assert effective_rank(s) == math.floor(math.exp(float(-(p * p.log()).sum())))
+
+
+def test_projection_removes_exactly_the_rho_by_rho_block():
+    # Previous experts' sum with singular values (1, 1, 0, 0, ...) -> ρ = 2 (flat on two directions).
+    d_out, d_in = 6, 5
+    u, v = _orthonormal(d_out, d_out, 0), _orthonormal(d_in, d_in, 1)
+    s = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    previous = u[:, :5] @ torch.diag(s) @ v.T
+    assert effective_rank(torch.linalg.svdvals(previous)) == 2
+    delta = torch.randn(d_out, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    projected = project_out_previous(delta, previous)
+    # In the previous SVD's bases, only the top-left 2x2 block is zeroed; everything else (the
+    # diagonal beyond it included: the official `.diag().fill_(0)` is a no-op) is untouched.
+    c_before, c_after = u.T @ delta @ v, u.T @ projected @ v
+    assert torch.allclose(c_after[:2, :2], torch.zeros(2, 2, dtype=torch.float64), atol=1e-12)
+    mask = torch.ones_like(c_before, dtype=torch.bool)
+    mask[:2, :2] = False
+    assert torch.allclose(c_after[mask], c_before[mask], atol=1e-12)
+
+
+def test_projection_is_a_no_op_for_the_first_task():
+    delta = torch.randn(4, 3)
+    assert torch.equal(project_out_previous(delta, None), delta)
+
+
+def test_expert_factors_are_the_rank_r_truncation():
+    delta = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    b, a = low_rank_expert(delta, 2)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    assert b.shape == (7, 2) and a.shape == (2, 5)
+    assert torch.allclose(b.T @ b, torch.eye(2, dtype=torch.float64), atol=1e-12)  # B = U_r orthonormal
+    assert torch.allclose(b @ a, u[:, :2] @ torch.diag(s[:2]) @ vh[:2], atol=1e-12)  # Eckart–Young truncation
+    b_full, a_full = low_rank_expert(delta, 64)  # r above min(d_out, d_in) is capped: exact
+    assert b_full.shape == (7, 5) and torch.allclose(b_full @ a_full, delta, atol=1e-12)
+
+
+# ---- gradient projection and relaxation (§4.6–4.7) ------------------------------------------------
+
+def test_hard_projection_gradient_is_orthogonal_to_the_stored_subspace():
+    basis = _orthonormal(8, 3, 4).float()
+    grad = torch.randn(1, 8, generator=torch.Generator().manual_seed(5))
+    projected, score = relaxed_projection(grad, basis, torch.zeros(3), beta=0.99, gamma=0.0)
+    assert torch.allclose(projected @ basis, torch.zeros(1, 3), atol=1e-6)
+    # The EMA still runs at γ = 0 (it just has no effect): S = (1 − β) r on the first step.
+    r = (grad @ basis).abs()[0] / grad.norm()
+    assert torch.allclose(score, 0.01 * r, atol=1e-7)
+
+
+def test_relaxation_factors_follow_exp_minus_gamma_s():
+    basis = _orthonormal(6, 2, 6).float()
+    grad = torch.randn(1, 6, generator=torch.Generator().manual_seed(7))
+    beta, gamma = 0.9, 3.0
+    previous = torch.tensor([0.2, 0.5])
+    projected, score = relaxed_projection(grad, basis, previous, beta=beta, gamma=gamma)
+    r = (grad @ basis).abs()[0] / (grad.norm() + 1e-12)  # alignment of the *un-projected* gradient
+    expected_score = beta * previous + (1 - beta) * r  # EMA updated before λ is formed
+    assert torch.allclose(score, expected_score, atol=1e-7)
+    lam = torch.exp(-gamma * expected_score)
+    # Along each protected direction p the component is scaled by (1 − λ_p); off the subspace untouched.
+    assert torch.allclose(projected @ basis, (grad @ basis) * (1 - lam), atol=1e-6)
+    off = grad - (grad @ basis) @ basis.T
+    assert torch.allclose(projected - (projected @ basis) @ basis.T, off, atol=1e-6)
+
+
+def test_no_subspace_means_no_projection():
+    grad = torch.randn(1, 5)
+    out, score = relaxed_projection(grad, torch.zeros(5, 0), torch.zeros(0), beta=0.99, gamma=1.0)
+    assert torch.equal(out, grad) and score.numel() == 0
+
+
+def test_subspace_is_top_k_of_the_second_moment_and_accumulates_by_qr():
+    directions = _orthonormal(6, 6, 8).float()
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(9)) * torch.tensor([5.0, 4.0, 3.0, 0.1, 0.1, 0.1])
+    x = x @ directions.T
+    top = top_subspace(x.T @ x, 3)
+    # The top-3 span is the span of the first three (high-variance) directions.
+    assert torch.allclose(top @ top.T, directions[:, :3] @ directions[:, :3].T, atol=0.05)
+    basis = accumulate_basis(torch.zeros(6, 0), top)
+    basis = accumulate_basis(basis, directions[:, 2:5])  # overlaps on one direction
+    assert basis.shape == (6, 6)
+    assert torch.allclose(basis.T @ basis, torch.eye(6), atol=1e-5)
+    capped = accumulate_basis(basis, directions[:, :2])  # never more than d_in columns
+    assert capped.shape == (6, 6)
+
+
+def test_distillation_loss_is_soft_target_cross_entropy_without_t_squared():
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    loss = distillation_loss(student, teacher, 2.0)
+    p = torch.softmax(teacher / 2, -1)
+    assert torch.allclose(loss, -(p * torch.log_softmax(student / 2, -1)).sum(-1).mean())
+
+
+# ---- gated forward pass (§4.4) -------------------------------------------------------------------
+
+def test_gated_linear_adds_gate_weighted_experts_to_w0():
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(3, 4), torch.randn(3)
+    layer = GatedLinear(w0, b0)
+    x = torch.randn(2, 5, 4)
+    assert torch.allclose(layer(x), x @ w0.T + b0)
+    b1, a1 = low_rank_expert(torch.randn(3, 4), 2)
+    layer.add_expert(b1, a1, init_std=0.0)
+    with torch.no_grad():
+        layer.gate_w.copy_(torch.randn(1, 4))
+        layer.gate_b.fill_(0.5)
+    g = (x.reshape(-1, 4).mean(0) @ layer.gate_w.T + layer.gate_b)[0]  # averaged over tokens and batch
+    assert torch.allclose(layer(x), x @ (w0 + g * b1 @ a1).T + b0, atol=1e-6)
+    # A second expert freezes the first gate; only the newest gate is a Parameter.
+    b2, a2 = low_rank_expert(torch.randn(3, 4), 2)
+    first_gate = layer.gate_w.detach().clone()
+    layer.add_expert(b2, a2, init_std=0.0)
+    assert torch.equal(layer.frozen_w, first_gate) and [n for n, _ in layer.named_parameters()] == ["gate_w", "gate_b"]
+    # Per-image routing: each image's own token mean.
+    layer.batch_reduce = False
+    gates = layer.gate_values(x.mean(1))  # (N, 2)
+    expected = torch.stack([x[n] @ (w0 + gates[n, 0] * b1 @ a1 + gates[n, 1] * b2 @ a2).T + b0 for n in range(2)])
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_split_qkv_attention_matches_multihead_attention():
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    split = SplitQKVAttention.from_multihead(mha)
+    x = torch.randn(3, 7, 16)
+    expected = mha(x, x, x, need_weights=False)[0]
+    assert torch.allclose(split(x, x, x, need_weights=False)[0], expected, atol=1e-5)
+
+
+def _tiny_vit():
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(2)
+    return VisionTransformer(**TINY_VIT).eval()
+
+
+def test_wrapped_vit_with_zero_gates_equals_the_original():
+    import copy
+
+    visual = _tiny_vit()
+    images = torch.randn(4, 3, 8, 8)
+    expected = visual(images)
+    encoder = MingleEncoder(copy.deepcopy(visual), "all")
+    assert torch.allclose(encoder(images), expected, atol=1e-5)
+    # Experts with all gates at exactly 0 leave the function unchanged.
+    for layer in encoder.gated():
+        b, a = low_rank_expert(torch.randn(layer.out_features, layer.in_features), 4)
+        layer.add_expert(b, a, init_std=0.0)
+    assert torch.allclose(encoder(images), expected, atol=1e-5)
+    assert len(encoder.selected) == 12 and len(MingleEncoder(copy.deepcopy(visual), "qkv-fc1").selected) == 8
+
+
+# ---- one continual run on the tiny ViT ---------------------------------------------------------
+
+def _state(visual) -> dict[str, torch.Tensor]:
+    from engine.checkpoints import open_clip_to_canonical
+
+    return open_clip_to_canonical({k: v.detach().clone() for k, v in visual.state_dict().items()})[0]
+
+
+def _finetuned(theta0, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in theta0.items()}
+
+
+def test_two_tasks_train_only_the_newest_gate_and_keep_theta0_elsewhere():
+    theta0 = _state(_tiny_vit())
+    heads = [torch.randn(8, 4, generator=torch.Generator().manual_seed(s)) for s in (10, 11)]
+    config = MingleConfig(rank=4, steps=5, batch_size=4, gamma=0.0, lr=1e-2)
+    mingle = Mingle(TINY_VIT, config)
+    mingle.init(theta0)
+    images = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(12))
+    mingle.step("a", _finetuned(theta0, 20), images, lambda f: 100 * f @ heads[0])
+    layer = mingle.encoder.linears["encoder.layers.0.mlp.fc1"]
+    first_gate = layer.gate_w.detach().clone()
+    assert mingle.bases["encoder.layers.0.mlp.fc1"].shape == (16, 3)
+    mingle.step("b", _finetuned(theta0, 21), images, lambda f: 100 * f @ heads[1])
+    assert torch.equal(layer.frozen_w[0], first_gate[0])  # the old gate never moved
+    assert layer.num_experts == 2 and mingle.bases["encoder.layers.0.mlp.fc1"].shape == (16, 6)
+    # Biases and LayerNorms stay at θ_0 (methods.md §4.1).
+    assert torch.equal(layer.bias, theta0["encoder.layers.0.mlp.fc1.bias"])
+    assert torch.equal(mingle.encoder.visual.ln_pre.weight, theta0["pre_layrnorm.weight"])
+    assert len(mingle.logs[-1].losses) == 5
+
+
+def test_hard_projection_keeps_the_new_gate_orthogonal_to_the_protected_inputs_with_sgd_like_steps():
+    # With γ = 0, Adam's per-coordinate rescaling breaks exact orthogonality (methods.md §4.5), but the
+    # *gradient* handed to the optimiser is orthogonal: check it by hooking the projection.
+    theta0 = _state(_tiny_vit())
+    head = torch.randn(8, 4, generator=torch.Generator().manual_seed(30))
+    mingle = Mingle(TINY_VIT, MingleConfig(rank=4, steps=2, batch_size=4, gamma=0.0))
+    mingle.init(theta0)
+    images = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(31))
+    mingle.step("a", _finetuned(theta0, 32), images, lambda f: 100 * f @ head)
+    seen = []
+    original = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        for name, layer in zip(mingle.encoder.selected, mingle.encoder.gated()):
+            seen.append(float((layer.gate_w.grad @ mingle.bases[name]).abs().max()))
+        return original(self, *args, **kwargs)
+
+    torch.optim.Adam.step = spy
+    try:
+        mingle.step("b", _finetuned(theta0, 33), images, lambda f: 100 * f @ head)
+    finally:
+        torch.optim.Adam.step = original
+    assert seen and max(seen) < 1e-6
+
+
+def test_static_variant_uses_a_fixed_coefficient():
+    theta0 = _state(_tiny_vit())
+    mingle = Mingle(TINY_VIT, MingleConfig(rank=64, static=True, static_coef=0.3))
+    mingle.init(theta0)
+    theta1 = _finetuned(theta0, 40)
+    encoder = mingle.step("a", theta1, torch.randn(4, 3, 8, 8), lambda f: f)
+    # Full rank, one task: every selected W is W0 + 0.3 (W1 − W0); all else at θ0.
+    from engine.methods.mingle import build_encoder
+
+    expected_state = dict(theta0)
+    for name in encoder.selected:
+        key = f"{name}.weight"
+        expected_state[key] = theta0[key] + 0.3 * (theta1[key] - theta0[key])
+    images = torch.randn(3, 3, 8, 8)
+    assert torch.allclose(encoder(images), build_encoder(TINY_VIT, expected_state)(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(gamma=-1.0), dict(layers="fc3"), dict(rank=0)])
+def test_config_is_validated(bad):
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        Mingle(TINY_VIT, MingleConfig(**bad))
