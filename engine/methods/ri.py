@@ -1,0 +1,290 @@
+"""Resolving Interference (RI): adapt each expert on unlabeled auxiliary images before any merge.
+
+RI is a pre-merge step, not a merge operator (methods.md §5). Expert i is fine-tuned, starting
+from θ_i, to minimise on auxiliary images x ∼ D_aux
+
+    L_RI(θ̃_i) = E_x[ KL(h_i(f(x; θ_i)) ‖ h_i(f(x; θ̃_i)))                         keep the task
+                    + α/(N−1) Σ_{j≠i} KL(h_j(f(x; θ_0)) ‖ h_j(f(x; θ̃_i))) ]       leave other heads alone
+
+with every head frozen and both teachers (θ_i, θ_0) frozen (§5.2). Afterwards τ̃_i = θ̃_i − θ_0 and
+any merge method runs unchanged on the adapted experts (§5.4): `adapt_zoo` writes them as a zoo in
+the same format, so every page and every CLI command works on it.
+
+Paper settings (ViT-B/32 on an A40, §5.3): α = 1, AdamW lr 1e-6, weight decay 1e-4, 2500 steps of
+batch 128 on ImageNet (≈ 7 min per expert). The demo defaults here are different on purpose: the
+demo zoo is a tiny ViT on 32-px images and all 8 experts must adapt in ≤ 5 min on 2 CPU cores, so
+we take 150 steps of batch 64 at lr 1e-4 [inferred] on a fixed pool of 2048 auxiliary images.
+Fewer, larger steps: a 100x larger LR on a model with far fewer, smaller weights; the paper's
+observation that most of the ξ drop happens early (1000 of 2500 steps) is what makes a short run
+meaningful. The LR was chosen from the RI loss on auxiliary data only (where it stops falling
+quickly), never from task accuracy.
+
+[inferred] choices, each an option (§5.3 "unknown"): AdamW with constant LR starting at θ_i;
+every vision-tower weight trainable; KL(teacher ‖ student) as a batch mean at temperature 1 with
+the heads' logit scale (100) inside the logits; the model kept in eval mode (no dropout) while
+training; θ_0's and θ_i's outputs on the fixed, seeded auxiliary pool computed once and cached
+(θ_0's once for all experts).
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..analysis.interference import kl_divergence
+from ..errors import ConfigError
+from .base import param, validate_config
+
+Progress = Callable[[float, str], None]
+
+# Which open_clip VisionTransformer parameters train (names without the `visual.` prefix).
+TRAINABLE = {
+    "all": ("*",),
+    "blocks": ("transformer.resblocks.*",),
+    "linear": ("transformer.resblocks.*.attn.in_proj_*", "transformer.resblocks.*.attn.out_proj.*",
+               "transformer.resblocks.*.mlp.c_fc.*", "transformer.resblocks.*.mlp.c_proj.*"),
+    "mlp": ("transformer.resblocks.*.mlp.*",),
+    "attention": ("transformer.resblocks.*.attn.*",),
+}
+
+
+@dataclass(frozen=True)
+class RIConfig:
+    alpha: float = param(1.0, "Weight α of the interference term (match θ_0 under the other heads); 0 only keeps "
+                         "the expert.", label="α", min=0.0, max=100.0, step=0.1, flag="--alpha")
+    steps: int = param(150, "Optimiser steps per expert (paper: 2500 on ViT-B/32; demo: 150).", label="steps",
+                       min=0, max=100000, step=10, flag="--steps")
+    lr: float = param(1e-4, "AdamW learning rate, constant (paper: 1e-6 for ViT-B/32; demo: 1e-4).",
+                      label="learning rate", min=0.0, max=1.0, flag="--lr")
+    weight_decay: float = param(1e-4, "AdamW weight decay (paper: 1e-4).", label="weight decay", min=0.0, max=1.0,
+                                flag="--weight-decay")
+    batch_size: int = param(64, "Auxiliary images per step (paper: 128 for B/32; demo: 64).", label="batch",
+                            min=1, max=4096, flag="--batch-size")
+    trainable: str = param("all", "Which vision-tower parameters adapt: all, blocks, linear (attn+MLP "
+                           "matrices), mlp or attention.", label="trainable", choices=tuple(TRAINABLE),
+                           flag="--trainable")
+    aux: str = param("pool", "Auxiliary images: pool (the zoo's unlabeled pretraining pool), render (random "
+                     "drawings unrelated to the tasks) or noise (Gaussian).", label="auxiliary data",
+                     choices=("pool", "render", "noise"), flag="--aux")
+    aux_size: int = param(2048, "Distinct auxiliary images in the fixed, seeded stream (batches cycle over it).",
+                          label="aux images", min=1, max=1_000_000, flag="--aux-size")
+    temperature: float = param(1.0, "Softmax temperature of both KL terms (1 = plain CLIP logits at scale 100).",
+                               label="temperature", min=0.01, max=100.0, flag="--temperature")
+    seed: int = param(0, "Seed of the auxiliary stream and batch order (the same for every expert).",
+                      label="seed", min=0, max=2**31 - 1, flag="--seed")
+
+
+# --------------------------------------------------------------------------------------------
+# The model: an image encoder f(x; θ) read through frozen heads h_t (methods.md §6.4)
+# --------------------------------------------------------------------------------------------
+
+
+class HeadedTower:
+    """f(x; θ) plus frozen zero-shot heads: logits_t = scale · ⟨normalize(f(x)), H_t⟩ (H_t rows unit-norm).
+
+    `encoder` is an open_clip VisionTransformer (bare, no `visual.` prefix); `heads` maps each task to
+    its (C_t, d) class-embedding matrix, in task order. All heads are stacked into one matrix so one
+    forward and one matmul give every head's logits.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, heads: Mapping[str, torch.Tensor], logit_scale: float = 100.0):
+        self.encoder = encoder
+        self.tasks = list(heads)
+        self.sizes = [int(heads[t].shape[0]) for t in self.tasks]
+        self.head_matrix = torch.cat([F.normalize(heads[t].float(), dim=-1) for t in self.tasks]).detach()
+        self.logit_scale = float(logit_scale)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """normalize(f(x; θ)) for a (B, 3, H, W) float batch."""
+        return F.normalize(self.encoder(images).float(), dim=-1)
+
+    def logits(self, embeddings: torch.Tensor) -> list[torch.Tensor]:
+        """Every head's logits from normalised embeddings, as a list in task order."""
+        return list(torch.split(self.logit_scale * embeddings @ self.head_matrix.T, self.sizes, dim=-1))
+
+    @torch.no_grad()
+    def embed_all(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        was_training = self.encoder.training
+        self.encoder.eval()
+        out = torch.cat([self.embed(images[i:i + chunk]) for i in range(0, len(images), chunk)])
+        self.encoder.train(was_training)
+        return out
+
+    def load(self, canonical: Mapping[str, torch.Tensor]) -> "HeadedTower":
+        """Copy canonical weights (checkpoints.py naming) into the encoder, in place."""
+        load_canonical(self.encoder, canonical)
+        return self
+
+
+def load_canonical(encoder: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> None:
+    from ..checkpoints import canonical_to_open_clip
+
+    state = canonical_to_open_clip(canonical)
+    own = encoder.state_dict()
+    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def encoder_to_canonical(encoder: torch.nn.Module, like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The encoder's weights under canonical names (in `like`'s dtypes and key set when given)."""
+    from ..checkpoints import open_clip_to_canonical
+
+    canonical, _ = open_clip_to_canonical({k: v.detach() for k, v in encoder.state_dict().items()})
+    if like is None:
+        return {k: v.clone() for k, v in canonical.items()}
+    missing = sorted(set(like) - set(canonical))
+    if missing:
+        raise ConfigError(f"the adapted encoder has no tensor '{missing[0]}' that the expert checkpoint has")
+    return {k: canonical[k].to(like[k].dtype).clone() for k in like}
+
+
+def trainable_names(encoder: torch.nn.Module, which: str) -> list[str]:
+    try:
+        patterns = TRAINABLE[which]
+    except KeyError:
+        raise ConfigError(f"trainable must be one of {', '.join(TRAINABLE)}, got {which!r}") from None
+    names = [n for n, _ in encoder.named_parameters() if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise ConfigError(f"trainable={which!r} selects no parameter of this encoder")
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# The objective (methods.md §5.2)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RILoss:
+    total: torch.Tensor
+    keep: torch.Tensor  # KL(expert ‖ student) under the expert's own head
+    interference: torch.Tensor  # mean over j ≠ i of KL(pretrained ‖ student) under head j (before α)
+
+
+def ri_loss(student_logits: Sequence[torch.Tensor], expert_logits: torch.Tensor,
+            pretrained_logits: Sequence[torch.Tensor], own: int, alpha: float, temperature: float = 1.0) -> RILoss:
+    """L_RI for one batch: student and pretrained logits under every head (task order), the expert's under its own.
+
+    With a single task there are no other heads: the interference term is 0.
+    """
+    n = len(student_logits)
+    if len(pretrained_logits) != n:
+        raise ConfigError(f"{len(pretrained_logits)} pretrained heads for {n} student heads")
+    keep = kl_divergence(expert_logits, student_logits[own], temperature=temperature)
+    others = [kl_divergence(pretrained_logits[j], student_logits[j], temperature=temperature)
+              for j in range(n) if j != own]
+    interference = torch.stack(others).mean() if others else keep.new_zeros(())
+    return RILoss(total=keep + alpha * interference, keep=keep, interference=interference)
+
+
+# --------------------------------------------------------------------------------------------
+# Adapting one expert
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdaptationStats:
+    task: str
+    steps: int
+    seconds: float
+    # L_RI and its two terms over the whole auxiliary pool, at θ_i (before) and at θ̃_i (after)
+    aux_loss_before: float
+    aux_loss_after: float
+    aux_keep_after: float
+    aux_interference_before: float
+    aux_interference_after: float
+    history: list[float] = field(default_factory=list)  # total loss per step
+    trainable_params: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@torch.no_grad()
+def pool_loss(model: HeadedTower, student_embeddings: torch.Tensor, expert_embeddings: torch.Tensor,
+              pretrained_embeddings: torch.Tensor, own: int, config: RIConfig) -> RILoss:
+    """L_RI over a whole pool from cached normalised embeddings (a diagnostic; no gradients)."""
+    expert_logits = model.logits(expert_embeddings)[own]
+    return ri_loss(model.logits(student_embeddings), expert_logits, model.logits(pretrained_embeddings), own,
+                   config.alpha, config.temperature)
+
+
+def batch_order(n_aux: int, steps: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Indices of each step's batch: seeded permutations of the pool, concatenated (same for every expert)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    needed = steps * batch_size
+    perms = [torch.randperm(n_aux, generator=gen) for _ in range(-(-needed // n_aux))]
+    order = torch.cat(perms) if perms else torch.empty(0, dtype=torch.long)
+    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def adapt_expert(model: HeadedTower, expert: Mapping[str, torch.Tensor], own: int, aux_images: torch.Tensor,
+                 pretrained_embeddings: torch.Tensor, config: RIConfig, *, progress: Progress | None = None,
+                 task: str | None = None) -> tuple[dict[str, torch.Tensor], AdaptationStats]:
+    """Minimise L_RI for expert `own`, starting from its weights; returns (θ̃ canonical, stats).
+
+    `pretrained_embeddings` are θ_0's normalised embeddings of `aux_images` (compute once with
+    `model.load(θ_0).embed_all(aux_images)` and share across experts, §5.3). `model` is modified.
+    """
+    validate_config(config)
+    task = task or model.tasks[own]
+    start = time.perf_counter()
+    model.load(expert)
+    encoder = model.encoder
+    encoder.eval()  # no dropout / patch dropout: teachers and student see the same function [inferred]
+    expert_embeddings = model.embed_all(aux_images)  # teacher 1, once per expert
+    names = set(trainable_names(encoder, config.trainable))
+    params = []
+    for name, p in encoder.named_parameters():
+        p.requires_grad_(name in names)
+        if name in names:
+            params.append(p)
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    history = []
+    batches = batch_order(len(aux_images), config.steps, config.batch_size, config.seed)
+    own_slice = slice(sum(model.sizes[:own]), sum(model.sizes[:own + 1]))
+    for step, idx in enumerate(batches):
+        with torch.no_grad():
+            pretrained_logits = model.logits(pretrained_embeddings[idx])
+            expert_logits = model.logit_scale * expert_embeddings[idx] @ model.head_matrix[own_slice].T
+        student_logits = model.logits(model.embed(aux_images[idx]))
+        loss = ri_loss(student_logits, expert_logits, pretrained_logits, own, config.alpha, config.temperature)
+        optimiser.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optimiser.step()
+        history.append(float(loss.total.detach()))
+        if progress is not None and (step % 10 == 9 or step == len(batches) - 1):
+            progress((step + 1) / len(batches), f"{task}: step {step + 1}/{len(batches)}, loss {history[-1]:.4f}")
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    after = pool_loss(model, model.embed_all(aux_images), expert_embeddings, pretrained_embeddings, own, config)
+    before = pool_loss(model, expert_embeddings, expert_embeddings, pretrained_embeddings, own, config)
+    stats = AdaptationStats(
+        task=task, steps=len(history), seconds=time.perf_counter() - start,
+        aux_loss_before=float(before.total), aux_loss_after=float(after.total), aux_keep_after=float(after.keep),
+        aux_interference_before=float(before.interference), aux_interference_after=float(after.interference),
+        history=history, trainable_params=sum(p.numel() for p in params))
+    return encoder_to_canonical(encoder, like=expert), stats
+
+
+def adapt_experts(model: HeadedTower, pretrained: Mapping[str, torch.Tensor],
+                  experts: Mapping[str, Mapping[str, torch.Tensor]], aux_images: torch.Tensor, config: RIConfig, *,
+                  progress: Progress | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], list[AdaptationStats]]:
+    """RI for every expert (task order of `model`): θ_0's aux embeddings once, then one adaptation each."""
+    validate_config(config)
+    tasks = model.tasks
+    missing = [t for t in tasks if t not in experts]
+    if missing:
+        raise ConfigError(f"no expert checkpoint for task {missing[0]!r}")
+    pretrained_embeddings = model.load(pretrained).embed_all(aux_images)
+    adapted, stats = {}, []
+    for i, task in enumerate(tasks):
+        sub = None if progress is None else (
+            lambda f, msg, i=i: progress((i + f) / len(tasks), msg))
+        adapted[task], s = adapt_expert(model, experts[task], i, aux_images, pretrained_embeddings, config,
+                                        progress=sub, task=task)
+        stats.append(s)
+    return adapted, stats

