@@ -14,7 +14,7 @@ from engine.methods.mingle import (GatedLinear, Mingle, MingleConfig, MingleEnco
                                    accumulate_basis, distillation_loss, effective_rank, low_rank_expert,
                                    project_out_previous, relaxed_projection, top_subspace)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny ops: a second OpenMP thread only waits on a shared CPU
 
 TINY_VIT = dict(image_size=8, patch_size=4, width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
 

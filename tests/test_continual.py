@@ -1,0 +1,206 @@
+"""The continual protocol (methods.md §4.10–4.11) and the continual baselines (§2), on tiny models.
+
+`TinySource` is a stand-in zoo: a 2-block open_clip ViT, three "tasks" whose fine-tuned models are
+θ_0 plus noise, and test labels defined as the fine-tuned model's own predictions (so each θ_t
+scores 100 % on its task and forgetting is measurable).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.continual import (ContinualAverage, ContinualTaskArithmetic, ContinualTies, acc_bwt_fwt,
+                              make_method, run_continual, run_orders, select_seed_indices, summarize, task_order)
+from engine.methods.magmax import ContinualMagMax, max_magnitude
+from engine.methods.mingle import MingleConfig, build_encoder
+from engine.methods.opcm import ContinualOPCM, project_task_vector, split_rank
+
+torch.set_num_threads(1)  # tiny ops: a second OpenMP thread only waits on a shared CPU
+
+TINY_VIT = dict(image_size=8, patch_size=4, width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
+
+
+class TinySource:
+    def __init__(self, tasks=("a", "b", "c"), n_test=24, seed=0):
+        from open_clip.transformer import VisionTransformer
+
+        from engine.checkpoints import open_clip_to_canonical
+
+        torch.manual_seed(seed)
+        self.tasks = list(tasks)
+        self.model_config = dict(TINY_VIT)
+        visual = VisionTransformer(**TINY_VIT)
+        self._theta0 = open_clip_to_canonical({k: v.detach().clone() for k, v in visual.state_dict().items()})[0]
+        gen = torch.Generator().manual_seed(seed + 1)
+        self._thetas, self._heads, self._tests = {}, {}, {}
+        for task in self.tasks:
+            self._thetas[task] = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in self._theta0.items()}
+            self._heads[task] = torch.randn(8, 4, generator=gen)
+            images = torch.randn(n_test, 3, 8, 8, generator=gen)
+            with torch.no_grad():
+                labels = self.head(task)(build_encoder(TINY_VIT, self._thetas[task])(images)).argmax(-1)
+            self._tests[task] = (images, labels)
+
+    def theta0(self):
+        return dict(self._theta0)
+
+    def theta(self, task):
+        return dict(self._thetas[task])
+
+    def test_set(self, task):
+        return self._tests[task]
+
+    def head(self, task):
+        w = self._heads[task]
+        return lambda f: 100 * torch.nn.functional.normalize(f, dim=-1) @ w
+
+    def finetuned_accuracy(self, task):
+        return 100.0
+
+
+# ---- orders and metrics --------------------------------------------------------------------------
+
+PAPER_8 = {  # methods.md §4.11, TA8 ids
+    42: "04 05 07 08 03 06 01 02", 43: "07 08 05 04 02 06 03 01", 44: "03 06 04 02 01 08 05 07",
+    45: "06 08 02 01 03 07 04 05", 46: "07 06 03 08 05 01 04 02", 47: "07 02 03 08 05 04 01 06",
+    48: "07 01 04 03 08 05 02 06", 49: "08 05 06 07 01 04 03 02", 50: "01 04 05 02 06 03 07 08",
+    51: "08 03 01 02 06 05 07 04"}
+
+
+@pytest.mark.parametrize("seed", sorted(PAPER_8))
+def test_orders_match_the_papers_table(seed):
+    assert task_order([f"{i:02d}" for i in range(1, 9)], seed) == PAPER_8[seed].split()
+
+
+def test_acc_bwt_fwt_on_a_hand_made_matrix():
+    matrix = [[90.0, None, None],
+              [80.0, 70.0, None],
+              [60.0, 65.0, 50.0]]
+    acc, bwt, fwt = acc_bwt_fwt(matrix, [95.0, 75.0, 60.0])
+    assert acc == pytest.approx((60 + 65 + 50) / 3)
+    assert bwt == pytest.approx(((60 - 90) + (65 - 70)) / 2)
+    assert fwt == pytest.approx(((90 - 95) + (70 - 75) + (50 - 60)) / 3)
+    assert acc_bwt_fwt([[80.0]])[1] is None and acc_bwt_fwt(matrix, [None] * 3)[2] is None
+
+
+def test_seed_set_is_stratified_per_class():
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    idx = select_seed_indices(labels, 5, seed=0)
+    assert torch.bincount(labels[idx]).tolist() == [5, 3, 5]  # all of a class with fewer than 5
+    assert torch.equal(idx, select_seed_indices(labels, 5, seed=0))
+
+
+# ---- baselines, against their closed forms -------------------------------------------------------
+
+def _states(n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    theta0 = {"encoder.layers.0.mlp.fc1.weight": torch.randn(6, 4, generator=gen),
+              "encoder.layers.0.mlp.fc1.bias": torch.randn(6, generator=gen)}
+    thetas = [{k: v + torch.randn(v.shape, generator=gen) for k, v in theta0.items()} for _ in range(n)]
+    return theta0, thetas
+
+
+def _run(method, theta0, thetas):
+    method.init(theta0)
+    out = None
+    for i, theta in enumerate(thetas):
+        out = method.step(str(i), theta, None, None)
+    return out
+
+
+def test_continual_average_and_task_arithmetic_closed_forms():
+    theta0, thetas = _states()
+    avg = _run(ContinualAverage(), theta0, thetas)
+    ta = _run(ContinualTaskArithmetic(ContinualTaskArithmetic.Config(lam=0.3)), theta0, thetas)
+    for k in theta0:
+        assert torch.allclose(avg[k], sum(t[k] for t in thetas) / 3, atol=1e-6)
+        assert torch.allclose(ta[k], theta0[k] + 0.3 * sum(t[k] - theta0[k] for t in thetas), atol=1e-6)
+
+
+def test_magmax_keeps_the_largest_magnitude_and_new_wins_ties():
+    assert max_magnitude(torch.tensor([1.0, -3.0, 2.0]), torch.tensor([-2.0, 1.0, -2.0])).tolist() == [-2.0, -3.0, -2.0]
+    theta0, thetas = _states()
+    merged = _run(ContinualMagMax(), theta0, thetas)
+    for k in theta0:
+        taus = torch.stack([t[k] - theta0[k] for t in thetas])
+        best = taus.gather(0, taus.abs().argmax(0, keepdim=True))[0]
+        assert torch.allclose(merged[k], theta0[k] + 0.5 * best, atol=1e-6)
+
+
+def test_continual_ties_first_step_is_scaled_task_vector():
+    theta0, thetas = _states(2)
+    method = ContinualTies()
+    method.init(theta0)
+    first = method.step("0", thetas[0])
+    for k in theta0:
+        assert torch.allclose(first[k], theta0[k] + 0.3 * (thetas[0][k] - theta0[k]), atol=1e-6)
+    second = method.step("1", thetas[1])
+    assert all(torch.isfinite(v).all() for v in second.values())
+
+
+def test_opcm_split_rank_and_projection_block():
+    assert split_rank(torch.tensor([4.0, 3.0, 2.0, 1.0]), 0.5) == 1  # cumsum 0.4, 0.7: first > 0.5 at index 1
+    assert split_rank(torch.tensor([9.0, 1.0]), 0.5) == 0  # a dominant first value: nothing projected
+    gen = torch.Generator().manual_seed(3)
+    previous, tau = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 4, generator=gen,
+                                                                                         dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(previous, full_matrices=True)
+    k = split_rank(s, 0.5)
+    cleaned = project_task_vector(previous, tau, 0.5)
+    c_before, c_after = u.T @ tau @ vh.T, u.T @ cleaned @ vh.T
+    assert torch.allclose(c_after[:k, :k], torch.zeros(k, k, dtype=torch.float64), atol=1e-12)
+    c_before[:k, :k] = 0
+    assert torch.allclose(c_after, c_before, atol=1e-12)
+
+
+def test_opcm_first_step_is_theta1_and_merged_norm_is_the_average_norm():
+    theta0, thetas = _states(3)
+    method = ContinualOPCM()
+    method.init(theta0)
+    first = method.step("0", thetas[0])
+    assert all(torch.allclose(first[k], thetas[0][k], atol=1e-6) for k in theta0)
+    for i in (1, 2):
+        merged = method.step(str(i), thetas[i])
+    norm = lambda sd: float(torch.sqrt(sum(((sd[k] - theta0[k]) ** 2).sum() for k in theta0)))  # noqa: E731
+    assert norm(merged) == pytest.approx(sum(norm(t) for t in thetas) / 3, rel=1e-5)
+
+
+# ---- the whole protocol ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def source():
+    return TinySource()
+
+
+@pytest.mark.parametrize("name", ["average", "task-arithmetic", "ties", "magmax", "opcm"])
+def test_run_continual_fills_the_lower_triangle(source, name):
+    result = run_continual(source, make_method(name), ["b", "a", "c"], seeds_per_class=2)
+    assert result.order == ["b", "a", "c"]
+    m = result.acc_matrix
+    assert all(m[i][j] is None for i in range(3) for j in range(3) if j > i)
+    assert all(0 <= m[i][j] <= 100 for i in range(3) for j in range(i + 1))
+    acc, bwt, fwt = acc_bwt_fwt(m, [100.0] * 3)
+    assert (result.ACC, result.BWT, result.FWT) == (acc, bwt, fwt)
+    json.dumps(result.to_json())
+
+
+def test_run_continual_mingle_records_gates(source):
+    config = MingleConfig(rank=4, steps=3, batch_size=4)
+    result = run_continual(source, make_method("mingle", config, source.model_config), source.tasks,
+                           seeds_per_class=2, gate_stats=True)
+    gates = result.gates
+    assert gates["gate_tasks"] == source.tasks and gates["eval_tasks"] == source.tasks
+    assert len(gates["mean"]) == 3 and len(gates["mean"][0]) == 3 and len(gates["std"]) == 3
+    assert len(gates["per_layer"]) == 12  # 2 blocks × 6 linears
+    assert result.acc_matrix[0][1] is None and result.config["rank"] == 4
+    json.dumps(result.to_json())
+
+
+def test_run_orders_summarises_mean_and_std(source):
+    out = run_orders(source, lambda: make_method("task-arithmetic"), [42, 43], seeds_per_class=2)
+    assert set(out["orders"]) == {"42", "43"}
+    # Continual TA's final model is order-independent, so ACC has ~zero std (methods.md §2).
+    assert out["summary"]["ACC"]["std"] == pytest.approx(0.0, abs=1e-9)
+    assert summarize([])["ACC"] is None
