@@ -392,3 +392,78 @@ def run_orders(source: ContinualSource, make: Callable[[], Any], seeds: Sequence
     """Several orders (s = 42… as in the paper); `make()` builds a fresh method per order."""
     results = [run_continual(source, make(), task_order(source.tasks, s), **kwargs) for s in seeds]
     return {"orders": {str(s): r.to_json() for s, r in zip(seeds, results)}, "summary": summarize(results)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo zoo as a ContinualSource
+# ---------------------------------------------------------------------------------------------
+
+
+class ZooSource:
+    """Adapter over engine.zoo.manifest / engine.evaluate: checkpoints, test sets, heads, fine-tuned accuracy.
+
+    Test sets are loaded once and kept preprocessed (model-ready float tensors); heads give logits at
+    the zoo's logit scale (100) on L2-normalised features, as every zero-shot CLIP head (§6.4).
+    """
+
+    def __init__(self, zoo, tasks: Sequence[str] | None = None) -> None:
+        self.zoo = zoo
+        names = list(zoo.task_names())
+        if tasks:
+            unknown = [t for t in tasks if t not in names]
+            if unknown:
+                raise ConfigError(f"unknown task {unknown[0]!r}; the zoo has {', '.join(names)}")
+            names = [t for t in names if t in tasks]  # the canonical order is what orders shuffle
+        self.tasks = names
+        self.model_config = dict(zoo.model_config)
+        self._tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._heads: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_dir(cls, path, tasks: Sequence[str] | None = None) -> "ZooSource":
+        from .zoo.manifest import load_zoo
+
+        return cls(load_zoo(path), tasks)
+
+    @staticmethod
+    def _read(path) -> StateDict:
+        from .checkpoints import open_checkpoint
+
+        reader = open_checkpoint(path)
+        return {name: reader.tensor(name).float() if reader.tensor(name).is_floating_point() else reader.tensor(name)
+                for name in reader.keys()}
+
+    def theta0(self) -> StateDict:
+        return self._read(self.zoo.pretrained_path)
+
+    def theta(self, task: str) -> StateDict:
+        return self._read(self.zoo.expert_path(task))
+
+    def test_set(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if task not in self._tests:
+            from . import evaluate
+
+            images, labels = evaluate.load_test_set(self.zoo, task)
+            images = torch.as_tensor(images)
+            if images.dtype == torch.uint8 and hasattr(evaluate, "preprocess"):
+                images = evaluate.preprocess(self.zoo, images)
+            self._tests[task] = (images.float(), torch.as_tensor(labels).long())
+        return self._tests[task]
+
+    def head(self, task: str) -> Head:
+        from . import evaluate
+
+        if self._heads is None:
+            self._heads = {t: h.float() for t, h in evaluate.zoo_heads(self.zoo).items()}
+        weights = torch.nn.functional.normalize(self._heads[task], dim=-1)
+        scale = float(getattr(self.zoo, "logit_scale", 100.0))
+        return lambda features: scale * torch.nn.functional.normalize(features, dim=-1) @ weights.T
+
+    def finetuned_accuracy(self, task: str) -> float | None:
+        accuracies = getattr(self.zoo, "accuracies", None) or {}
+        value = accuracies.get(task) if isinstance(accuracies, Mapping) else None
+        if isinstance(value, Mapping):
+            value = value.get("finetuned", value.get("expert"))
+        if value is None:
+            return None
+        return float(value) * (100.0 if float(value) <= 1.0 else 1.0)
