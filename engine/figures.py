@@ -34,18 +34,24 @@ _CYCLE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 BASELINE_NAME = "random-sign baseline"
 _LAYOUT = dict(
     template="plotly_white",
-    margin=dict(l=60, r=20, t=70, b=60),
-    legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+    margin=dict(l=60, r=20, t=80, b=60),
     hovermode="closest",
 )
+# Legends: above the plot for full-width charts; below it where long names would collide with the
+# title or a marker annotation (half-width charts).
+_LEGENDS = {
+    "top": dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1.0),
+    "bottom": dict(orientation="h", yanchor="top", y=-0.22, xanchor="left", x=0.0),
+}
 
 
 def _pct(values: Sequence[float | None]) -> list[float | None]:
     return [None if v is None else 100.0 * float(v) for v in values]
 
 
-def _finish(fig: go.Figure, title: str, x_title: str, y_title: str, **layout: Any) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), **_LAYOUT)
+def _finish(fig: go.Figure, title: str, x_title: str, y_title: str, *, legend: str = "top",
+            **layout: Any) -> go.Figure:
+    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"), legend=_LEGENDS[legend], **_LAYOUT)
     fig.update_layout(**layout)
     fig.update_xaxes(title_text=x_title)
     fig.update_yaxes(title_text=y_title)
@@ -260,13 +266,17 @@ def conflict_layer_k_heatmap(
                    xaxis_type="category")
 
 
+_CURVE_NAMES = {"rate_all": "% of all parameters", "rate_nonzero1": "% of kept by ≥ 1 task",
+                "rate_nonzero2": "% of kept by ≥ 2 tasks"}
+
+
 def _curve_figure(x: Sequence[float], curve: Mapping[str, Sequence[float]], metrics: Sequence[str],
                   marker_x: float | None) -> go.Figure:
     fig = go.Figure()
     for i, m in enumerate(metrics):
         if m not in curve:
             continue
-        fig.add_scatter(name=f"measured ({_METRIC_LABELS.get(m, m)})", x=list(x), y=_pct(curve[m]),
+        fig.add_scatter(name=f"measured, {_CURVE_NAMES.get(m, m)}", x=list(x), y=_pct(curve[m]),
                         mode="lines+markers", line=dict(color=_CYCLE[i], dash="solid"),
                         hovertemplate="%{x}: %{y:.1f} %<extra></extra>")
     if "random_baseline" in curve:
@@ -275,7 +285,7 @@ def _curve_figure(x: Sequence[float], curve: Mapping[str, Sequence[float]], metr
                         hovertemplate="%{x}: %{y:.1f} %<extra>random signs</extra>")
     if marker_x is not None:
         fig.add_vline(x=marker_x, line_dash="dot", line_color=COLORS["threshold"],
-                      annotation_text="current", annotation_position="top")
+                      annotation_text="current", annotation_position="top right")
     return fig
 
 
@@ -285,7 +295,7 @@ def conflict_vs_k(k_curve: Mapping[str, Sequence[float]], *, current_k: float | 
     fig = _curve_figure(k_curve["k"], k_curve, metrics, current_k)
     return _finish(fig, "Sign conflicts grow as the trim keeps more (k)",
                    "k: share of each task vector kept (%)", "conflicting parameters (%)",
-                   yaxis_rangemode="tozero")
+                   legend="bottom", yaxis_rangemode="tozero", height=480)
 
 
 def conflict_vs_n_tasks(n_tasks_curve: Mapping[str, Sequence[float]], *, k: float | None = None,
@@ -294,9 +304,9 @@ def conflict_vs_n_tasks(n_tasks_curve: Mapping[str, Sequence[float]], *, k: floa
     fig = _curve_figure(n_tasks_curve["n"], n_tasks_curve, ("rate_all",), current_n)
     where = f" (k = {k:g} %)" if k is not None else ""
     fig.update_xaxes(dtick=1)
-    return _finish(fig, f"Sign conflicts grow with the number of merged tasks{where}",
+    return _finish(fig, f"Conflicts vs number of merged tasks{where}",
                    "number of tasks merged", "conflicting parameters (% of all)",
-                   yaxis_rangemode="tozero")
+                   legend="bottom", yaxis_rangemode="tozero", height=480)
 
 
 def pairwise_conflict_heatmap(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> go.Figure:
@@ -304,7 +314,7 @@ def pairwise_conflict_heatmap(tasks: Sequence[str], matrix: Sequence[Sequence[fl
     tasks = list(tasks)
     # a task never disagrees with itself: leave the diagonal blank rather than a misleading 0
     z = [[None if i == j else v for j, v in enumerate(_pct(row))] for i, row in enumerate(matrix)]
-    text = [["" if v is None else f"{v:.0f}" for v in row] for row in z]
+    text = [["" if v is None else (f"{v:.1f}" if v < 10 else f"{v:.0f}") for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=tasks, y=tasks, colorscale="Reds", zmin=0, text=text, texttemplate="%{text}",
         colorbar=dict(title=dict(text="disagree (%)")),
@@ -345,12 +355,13 @@ def magnitude_histogram(hist: Mapping[str, Any], *, task: str, k: float | None =
                       annotation_text=label, annotation_position="top left")
     where = f" at k = {k:g} %" if k is not None else ""
     return _finish(fig, f"Magnitudes of the '{task}' task vector{where}", "|τ| (log10)",
-                   "fraction of parameters", barmode="overlay", bargap=0)
+                   "fraction of parameters", legend="bottom", barmode="overlay", bargap=0, height=480)
 
 
 # --------------------------------------------------------------------------- sweeps
 
 PARAM_AXIS = {"lam": "λ: scale of the merged task vector", "k": "k: share of each task vector kept (%)"}
+PARAM_SYMBOLS = {"lam": "λ", "k": "k"}
 
 
 def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: bool = False,
@@ -374,7 +385,8 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
                 ref = (individual or {}).get(metric)
                 y = [None if (v is None or not ref) else v / ref for v in y]
         fig.add_scatter(
-            name=r.get("label", r["method"]) + ("" if r.get("varies", True) else f" (no {r['param']})"),
+            name=r.get("label", r["method"]) + ("" if r.get("varies", True) else
+                                                 f" (has no {PARAM_SYMBOLS.get(r['param'], r['param'])})"),
             x=list(r["values"]), y=_pct(y), mode="lines+markers" if r.get("varies", True) else "lines",
             line=dict(color=_method_color(r["method"], i), dash="solid" if r.get("varies", True) else "dash"),
             hovertemplate="%{x:g}: %{y:.1f} %<extra>" + r.get("label", r["method"]) + "</extra>",
@@ -386,9 +398,9 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
     what = "average accuracy" if metric == "average" else f"accuracy on '{metric}'"
     y_title = ("normalised " if normalized else "") + ("average " if metric == "average" else "") + \
         ("accuracy (% of expert)" if normalized else "top-1 accuracy (%)")
-    name = {"lam": "λ", "k": "k"}.get(param, param)
+    name = PARAM_SYMBOLS.get(param, param)
     return _finish(fig, f"{what[0].upper() + what[1:]} vs {name}, methods side by side",
-                   PARAM_AXIS.get(param, param), y_title, yaxis_rangemode="tozero")
+                   PARAM_AXIS.get(param, param), y_title, legend="bottom", yaxis_rangemode="tozero")
 
 
 def sweep_per_task_lines(result: Any, *, normalized: bool = False,
@@ -402,8 +414,8 @@ def sweep_per_task_lines(result: Any, *, normalized: bool = False,
         fig.add_scatter(name=task, x=list(r["values"]), y=_pct(y), mode="lines+markers",
                         line=dict(color=_CYCLE[i % len(_CYCLE)]),
                         hovertemplate="%{x:g}: %{y:.1f} %<extra>" + task + "</extra>")
-    name = {"lam": "λ", "k": "k"}.get(r["param"], r["param"])
+    name = PARAM_SYMBOLS.get(r["param"], r["param"])
     return _finish(fig, f"{r.get('label', r['method'])}: per-task accuracy vs {name}",
                    PARAM_AXIS.get(r["param"], r["param"]),
                    "accuracy (% of expert)" if normalized else "top-1 accuracy (%)",
-                   yaxis_rangemode="tozero")
+                   legend="bottom", yaxis_rangemode="tozero")

@@ -180,7 +180,7 @@ def test_sweep_lines_put_methods_on_one_axis():
     assert "λ" in fig.layout.xaxis.title.text
     assert len(fig.data) == 3
     assert list(trace(fig, "TIES").y) == pytest.approx([40.0, 60.0, 75.0])
-    flat = trace(fig, "Weight averaging (no lam)")
+    flat = trace(fig, "Weight averaging (has no λ)")
     assert flat.line.dash == "dash"
     norm = figures.sweep_lines([r.to_json() for r in results], normalized=True)
     assert trace(norm, "TIES").y[2] == pytest.approx(75.0 / 0.9)
