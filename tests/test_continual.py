@@ -23,24 +23,25 @@ TINY_VIT = dict(image_size=8, patch_size=4, width=16, layers=2, heads=2, mlp_rat
 
 
 class TinySource:
-    def __init__(self, tasks=("a", "b", "c"), n_test=24, seed=0):
+    def __init__(self, tasks=("a", "b", "c"), n_test=24, seed=0, vit=None, classes=4):
         from open_clip.transformer import VisionTransformer
 
         from engine.checkpoints import open_clip_to_canonical
 
         torch.manual_seed(seed)
         self.tasks = list(tasks)
-        self.model_config = dict(TINY_VIT)
-        visual = VisionTransformer(**TINY_VIT)
+        vit = dict(vit or TINY_VIT)
+        self.model_config = vit
+        visual = VisionTransformer(**vit)
         self._theta0 = open_clip_to_canonical({k: v.detach().clone() for k, v in visual.state_dict().items()})[0]
         gen = torch.Generator().manual_seed(seed + 1)
         self._thetas, self._heads, self._tests = {}, {}, {}
         for task in self.tasks:
             self._thetas[task] = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in self._theta0.items()}
-            self._heads[task] = torch.randn(8, 4, generator=gen)
-            images = torch.randn(n_test, 3, 8, 8, generator=gen)
+            self._heads[task] = torch.randn(vit["output_dim"], classes, generator=gen)
+            images = torch.randn(n_test, 3, vit["image_size"], vit["image_size"], generator=gen)
             with torch.no_grad():
-                labels = self.head(task)(build_encoder(TINY_VIT, self._thetas[task])(images)).argmax(-1)
+                labels = self.head(task)(build_encoder(vit, self._thetas[task])(images)).argmax(-1)
             self._tests[task] = (images, labels)
 
     def theta0(self):
@@ -53,7 +54,7 @@ class TinySource:
         return self._tests[task]
 
     def head(self, task):
-        w = self._heads[task]
+        w = torch.nn.functional.normalize(self._heads[task], dim=0)
         return lambda f: 100 * torch.nn.functional.normalize(f, dim=-1) @ w
 
     def finetuned_accuracy(self, task):
