@@ -205,3 +205,36 @@ def test_run_orders_summarises_mean_and_std(source):
     # Continual TA's final model is order-independent, so ACC has ~zero std (methods.md §2).
     assert out["summary"]["ACC"]["std"] == pytest.approx(0.0, abs=1e-9)
     assert summarize([])["ACC"] is None
+
+
+# ---- CLI --------------------------------------------------------------------------------------------
+
+def _cli(monkeypatch, capsys, source, *argv):
+    import engine.continual as continual
+    from engine.cli import main
+
+    monkeypatch.setattr(continual.ZooSource, "from_dir", classmethod(lambda cls, path, tasks=None: source))
+    code = main(["continual", "--zoo", "unused", *argv])
+    return code, capsys.readouterr()
+
+
+def test_cli_json_has_order_matrix_metrics_timings_and_gates(monkeypatch, capsys, source):
+    code, out = _cli(monkeypatch, capsys, source, "--method", "mingle", "--rank", "4", "--steps", "2",
+                     "--seeds-per-class", "2", "--order-seed", "43", "--json")
+    assert code == 0
+    payload = json.loads(out.out)
+    assert payload["order"] == task_order(source.tasks, 43)
+    assert payload["acc_matrix"][0][1] is None and payload["acc_matrix"][2][2] is not None
+    assert {"ACC", "BWT", "FWT", "timings", "gates"} <= set(payload)
+    assert set(payload["gates"]) >= {"mean", "std", "per_layer"}
+
+
+def test_cli_several_orders_give_a_summary(monkeypatch, capsys, source):
+    code, out = _cli(monkeypatch, capsys, source, "--method", "opcm", "--order-seed", "42", "43", "--json")
+    payload = json.loads(out.out)
+    assert code == 0 and set(payload["orders"]) == {"42", "43"} and payload["summary"]["BWT"]["n"] == 2
+
+
+def test_cli_rejects_bad_settings_in_one_line(monkeypatch, capsys, source):
+    code, out = _cli(monkeypatch, capsys, source, "--method", "mingle", "--gamma", "-1")
+    assert code == 2 and out.err.startswith("error:") and out.err.count("\n") == 1
