@@ -162,3 +162,23 @@ def test_config_rejects_bad_values_with_the_field_name():
     with pytest.raises(ConfigError, match="trainable"):
         validate_config(RIConfig(trainable="heads"))
     assert not math.isnan(RIConfig().lr)
+
+
+# ---- auxiliary images --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["render", "noise"])
+def test_aux_streams_are_fixed_by_their_seed(source):
+    import numpy as np
+
+    from engine.zoo.aux_data import aux_images
+
+    a = aux_images(source, 16, seed=3)
+    assert a.shape == (16, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, aux_images(source, 16, seed=3))
+    assert not np.array_equal(a, aux_images(source, 16, seed=4))
+    assert a.std() > 20  # not blank
+    with pytest.raises(ConfigError, match="needs a zoo"):
+        aux_images("pool", 4)
+    with pytest.raises(ConfigError, match="one of"):
+        aux_images("imagenet", 4)

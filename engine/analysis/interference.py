@@ -140,3 +140,29 @@ def measure_interference(zoo, merged: Mapping[str, torch.Tensor], tasks: Sequenc
         if progress is not None:
             progress((i + 1) / len(tasks), f"ξ on {task}")
     return interference_from_logits(expert, student)
+
+
+def reference_zoo(zoo, which: str = "auto"):
+    """The zoo whose experts ξ is measured against.
+
+    ξ asks how far a merge is from the experts one wanted to merge. For an RI-adapted zoo those are
+    the ORIGINAL experts (the adapted ones are a means), so "auto" uses the source zoo recorded in
+    the manifest when it still exists, else the zoo's own experts; "own" and "original" force one.
+    """
+    from pathlib import Path
+
+    from ..methods.ri import ri_record
+    from ..zoo.manifest import load_zoo
+
+    if which not in ("auto", "own", "original"):
+        raise ConfigError(f"reference must be auto, own or original, got {which!r}")
+    if which == "own":
+        return zoo
+    record = ri_record(zoo)
+    source = Path(record["source_zoo"]) if record and record.get("source_zoo") else None
+    if source is None or not source.is_dir():
+        if which == "original":
+            raise ConfigError(f"{zoo.root}: " + ("is not an RI-adapted zoo" if source is None else
+                              f"its original zoo {source} is gone") + "; use --reference own")
+        return zoo
+    return load_zoo(source)

@@ -27,6 +27,7 @@ training; θ_0's and θ_i's outputs on the fixed, seeded auxiliary pool computed
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -288,3 +289,229 @@ def adapt_experts(model: HeadedTower, pretrained: Mapping[str, torch.Tensor],
                                         progress=sub, task=task)
         stats.append(s)
     return adapted, stats
+
+
+# --------------------------------------------------------------------------------------------
+# A whole zoo: adapt every expert, write an adapted zoo in the same format (methods.md §5.4)
+# --------------------------------------------------------------------------------------------
+
+RI_MANIFEST_KEY = "ri"  # what the adapted zoo's manifest records about its making
+
+
+@dataclass
+class RIResult:
+    """What `adapt_zoo` did: where, with which settings, how long, and ξ of TA before/after."""
+
+    source_zoo: str
+    out: str
+    tasks: list[str]
+    config: dict[str, Any]
+    experts: list[AdaptationStats]
+    timings: dict[str, float]
+    xi_task_arithmetic: dict[str, Any] | None = None
+    adapted_accuracies: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source_zoo": self.source_zoo, "out": self.out, "tasks": self.tasks, "config": self.config,
+                "experts": [{k: v for k, v in s.to_json().items() if k != "history"} for s in self.experts],
+                "timings": self.timings, "xi_task_arithmetic": self.xi_task_arithmetic,
+                "adapted_accuracies": self.adapted_accuracies}
+
+
+def _read_canonical(path) -> dict[str, torch.Tensor]:
+    from ..checkpoints import open_checkpoint
+
+    reader = open_checkpoint(path)
+    return {name: reader.tensor(name) for name in reader.keys()}
+
+
+def zoo_model(zoo, device: str | torch.device = "cpu") -> HeadedTower:
+    """The zoo's encoder architecture with its frozen heads, ready for `load` (weights not yet loaded)."""
+    from ..evaluate import zoo_encoder, zoo_heads
+
+    return HeadedTower(zoo_encoder(zoo).to(device), {t: h.to(device) for t, h in zoo_heads(zoo).items()},
+                       logit_scale=getattr(zoo, "logit_scale", 100.0))
+
+
+def zoo_aux_tensor(zoo, config: RIConfig, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The fixed, seeded auxiliary stream as the model's input tensor (the zoo's own preprocessing)."""
+    from ..evaluate import preprocess
+    from ..zoo.aux_data import aux_images
+
+    return preprocess(zoo, aux_images(config.aux, config.aux_size, config.seed, zoo=zoo)).to(device)
+
+
+def adapt_zoo(zoo, out_dir, config: RIConfig | None = None, *, device: str | torch.device = "cpu",
+              overwrite: bool = False, measure_xi: bool = True, xi_max_samples: int | None = None,
+              measure_accuracy: bool = True, progress: Progress | None = None) -> RIResult:
+    """RI for every expert of `zoo`, written to `out_dir` as a zoo of the same format.
+
+    The adapted zoo is a copy of the source (data, heads, θ_0, manifest) whose expert files are
+    replaced by θ̃_i; its manifest records the RI config, the source zoo and per-expert statistics.
+    [inferred, documented choice] The manifest keeps the ORIGINAL experts' individual accuracies for
+    normalisation: RI is a means to merge the original experts better, so normalised accuracy of a
+    merge of adapted experts stays comparable with one of the originals. The adapted experts' own
+    accuracies are measured and recorded beside them (`ri.adapted_accuracies`).
+    """
+    config = config or RIConfig()
+    validate_config(config)
+    report = progress or (lambda f, m: None)
+    timings: dict[str, float] = {}
+    start_all = time.perf_counter()
+    tasks = list(zoo.task_names())
+    out_dir = _check_out_dir(zoo, out_dir, overwrite)
+
+    start = time.perf_counter()
+    model = zoo_model(zoo, device)
+    aux = zoo_aux_tensor(zoo, config, device)
+    pretrained = _read_canonical(zoo.pretrained_path)
+    experts = {t: _read_canonical(zoo.expert_path(t)) for t in tasks}
+    timings["setup_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    span = 0.8 if measure_xi else 0.95
+    adapted, stats = adapt_experts(model, pretrained, experts, aux, config,
+                                   progress=lambda f, m: report(span * f, m))
+    timings["adapt_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report(span, "writing the adapted zoo")
+    result = RIResult(source_zoo=str(zoo.root), out=str(out_dir), tasks=tasks, config=dataclasses.asdict(config),
+                      experts=stats, timings=timings)
+    new_zoo = write_adapted_zoo(zoo, out_dir, adapted, ri_record=None, overwrite=overwrite)
+    timings["write_s"] = time.perf_counter() - start
+
+    if measure_accuracy:
+        from ..evaluate import evaluate
+
+        start = time.perf_counter()
+        result.adapted_accuracies = {t: evaluate(zoo, adapted[t], tasks=[t]).per_task[t] for t in tasks}
+        timings["accuracy_s"] = time.perf_counter() - start
+    if measure_xi:
+        start = time.perf_counter()
+        report(0.9, "measuring ξ of Task Arithmetic before and after")
+        result.xi_task_arithmetic = xi_before_after(zoo, new_zoo, max_samples=xi_max_samples)
+        timings["xi_s"] = time.perf_counter() - start
+    timings["total_s"] = time.perf_counter() - start_all
+    record = {"config": result.config, "source_zoo": str(zoo.root),
+              "original_accuracies": dict(getattr(zoo, "accuracies", {}) or {}),
+              "adapted_accuracies": result.adapted_accuracies,
+              "experts": [{k: v for k, v in s.to_json().items() if k != "history"} for s in stats]}
+    write_adapted_zoo(zoo, out_dir, None, ri_record=record, overwrite=True)
+    report(1.0, "done")
+    return result
+
+
+def _check_out_dir(zoo, out_dir, overwrite: bool):
+    from pathlib import Path
+
+    out = Path(out_dir).expanduser()
+    if out.resolve() == Path(zoo.root).resolve():
+        raise ConfigError(f"{out}: the adapted zoo must go to a new folder, not over the source zoo")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out}: exists and is not empty; choose a new folder or pass --overwrite")
+    return out
+
+
+def xi_before_after(source_zoo, adapted_zoo, method: str = "task-arithmetic", *,
+                    max_samples: int | None = None) -> dict[str, Any]:
+    """ξ (against the ORIGINAL experts) of `method` at its defaults, merging the original vs the adapted experts."""
+    from ..analysis.interference import measure_interference
+    from ..task_vectors import TaskVectorStack
+    from . import get_method
+
+    m = get_method(method)
+    cfg = m.Config()
+    out = {"method": method, "hyperparameters": dataclasses.asdict(cfg)}
+    for label, z in (("before", source_zoo), ("after", adapted_zoo)):
+        tasks = list(z.task_names())
+        stack = TaskVectorStack.from_files(z.pretrained_path, [z.expert_path(t) for t in tasks], tasks)
+        merged = stack.apply(m.merge(stack, cfg))
+        out[label] = measure_interference(source_zoo, merged, tasks, max_samples=max_samples).to_json()
+    return out
+
+
+def _manifest_path(root) -> "Path":
+    from pathlib import Path
+
+    try:
+        from ..zoo.manifest import MANIFEST_NAME
+    except ImportError:
+        MANIFEST_NAME = "zoo.json"
+    return Path(root) / MANIFEST_NAME
+
+
+def _write_expert_like(original_path, target_path, canonical: Mapping[str, torch.Tensor], metadata: dict) -> None:
+    """Save θ̃ where the zoo expects the expert, in the original file's key layout (canonical or open_clip)."""
+    from pathlib import Path
+
+    from ..checkpoints import canonical_to_open_clip, save_safetensors
+
+    original_path, target_path = Path(original_path), Path(target_path)
+    if original_path.suffix != ".safetensors":
+        raise ConfigError(f"{original_path}: RI writes adapted experts as .safetensors; this zoo stores its experts "
+                          f"as {original_path.suffix}")
+    from safetensors import safe_open
+
+    with safe_open(str(original_path), framework="pt") as f:
+        keys = list(f.keys())
+        old_meta = f.metadata() or {}
+    anchor = next((k for k in keys if k == "conv1.weight" or k.endswith(".conv1.weight")), None)
+    if anchor is not None:  # an open_clip layout: keep its prefix (`visual.`, `model.visual.` or none)
+        tensors = canonical_to_open_clip(canonical, prefix=anchor[: -len("conv1.weight")])
+    else:
+        tensors = dict(canonical)
+    from ..checkpoints import METADATA_KEY
+
+    previous = old_meta.get(METADATA_KEY)
+    record = dict(metadata)
+    if previous:
+        record["original_metadata"] = previous
+    save_safetensors(target_path, tensors, record)
+
+
+def write_adapted_zoo(zoo, out_dir, adapted: Mapping[str, Mapping[str, torch.Tensor]] | None,
+                      ri_record: Mapping[str, Any] | None = None, overwrite: bool = False):
+    """Copy `zoo` to `out_dir`, replace its expert files by `adapted`, record `ri_record` in the manifest.
+
+    With `adapted=None` only the manifest record is (re)written. Returns the loaded adapted zoo.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ..zoo.manifest import load_zoo
+
+    root, out = Path(zoo.root), Path(out_dir).expanduser()
+    if adapted is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(root, out, dirs_exist_ok=True)
+        for task, weights in adapted.items():
+            original = Path(zoo.expert_path(task))
+            target = out / original.resolve().relative_to(root.resolve())
+            _write_expert_like(original, target, weights, {"ri": "adapted expert", "task": task,
+                                                           "source": str(original)})
+    if ri_record is not None:
+        path = _manifest_path(out)
+        manifest = json.loads(path.read_text())
+        manifest[RI_MANIFEST_KEY] = dict(ri_record)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
+        tmp.replace(path)
+    return load_zoo(out)
+
+
+def ri_record(zoo) -> dict[str, Any] | None:
+    """The RI record of an adapted zoo's manifest (config, source zoo, statistics), or None for a plain zoo."""
+    import json
+
+    record = getattr(zoo, "manifest", None)
+    if isinstance(record, Mapping) and RI_MANIFEST_KEY in record:
+        return dict(record[RI_MANIFEST_KEY])
+    path = _manifest_path(zoo.root)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get(RI_MANIFEST_KEY)
+    except ValueError:
+        return None
