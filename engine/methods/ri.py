@@ -335,10 +335,14 @@ def zoo_model(zoo, device: str | torch.device = "cpu") -> HeadedTower:
 
 def zoo_aux_tensor(zoo, config: RIConfig, device: str | torch.device = "cpu") -> torch.Tensor:
     """The fixed, seeded auxiliary stream as the model's input tensor (the zoo's own preprocessing)."""
-    from ..evaluate import preprocess
+    from ..evaluate import load_test_set, preprocess
     from ..zoo.aux_data import aux_images
 
-    return preprocess(zoo, aux_images(config.aux, config.aux_size, config.seed, zoo=zoo)).to(device)
+    size = None
+    if config.aux != "pool":  # draw at the zoo's native image size, as its test images
+        test = load_test_set(zoo, zoo.task_names()[0])
+        size = int((test[0] if isinstance(test, tuple) else test.images).shape[1])
+    return preprocess(zoo, aux_images(config.aux, config.aux_size, config.seed, zoo=zoo, size=size)).to(device)
 
 
 def adapt_zoo(zoo, out_dir, config: RIConfig | None = None, *, device: str | torch.device = "cpu",
