@@ -182,3 +182,112 @@ def test_aux_streams_are_fixed_by_their_seed(source):
         aux_images("pool", 4)
     with pytest.raises(ConfigError, match="one of"):
         aux_images("imagenet", 4)
+
+
+# ---- a whole zoo: the adapted zoo works like any other --------------------------------------------
+
+QUICK_RI = dict(steps=4, batch_size=16, aux_size=64, lr=1e-4)
+
+
+@pytest.fixture(scope="module")
+def zoo(request):
+    pytest.importorskip("engine.zoo.manifest", reason="the zoo manifest has not landed yet")
+    from pathlib import Path
+
+    from engine.zoo.manifest import load_zoo
+
+    quick_zoo = request.getfixturevalue("quick_zoo")
+    return load_zoo(Path(getattr(quick_zoo, "root", quick_zoo)))
+
+
+@pytest.fixture(scope="module")
+def adapted(zoo, tmp_path_factory):
+    from engine.methods.ri import adapt_zoo
+
+    out = tmp_path_factory.mktemp("ri") / "adapted"
+    torch.set_num_threads(1)
+    result = adapt_zoo(zoo, out, RIConfig(**QUICK_RI), xi_max_samples=64)
+    return result, out
+
+
+def test_xi_on_a_zoo_is_zero_for_the_expert_itself(zoo):
+    from engine.analysis.interference import measure_interference
+    from engine.methods.ri import _read_canonical
+
+    task = zoo.task_names()[0]
+    report = measure_interference(zoo, _read_canonical(zoo.expert_path(task)), [task], max_samples=64)
+    assert report.per_task[task] == pytest.approx(0.0, abs=1e-5)
+    pretrained = measure_interference(zoo, _read_canonical(zoo.pretrained_path), [task], max_samples=64)
+    assert pretrained.per_task[task] > 0
+
+
+def test_adapted_zoo_loads_merges_and_evaluates_like_the_original(zoo, adapted):
+    from engine.checkpoints import open_checkpoint
+    from engine.evaluate import evaluate
+    from engine.methods import METHODS
+    from engine.methods.ri import ri_record
+    from engine.task_vectors import TaskVectorStack
+    from engine.zoo.manifest import load_zoo
+
+    result, out = adapted
+    new = load_zoo(out)
+    tasks = new.task_names()
+    assert tasks == zoo.task_names() and result.tasks == tasks
+    record = ri_record(new)
+    assert record["config"]["steps"] == QUICK_RI["steps"] and record["source_zoo"] == str(zoo.root)
+    assert ri_record(zoo) is None
+    # θ_0 is untouched, every expert moved.
+    base_old, base_new = open_checkpoint(zoo.pretrained_path), open_checkpoint(new.pretrained_path)
+    name = base_old.keys()[0]
+    assert torch.equal(base_old.tensor(name), base_new.tensor(name))
+    for t in tasks:
+        old, adapted_expert = open_checkpoint(zoo.expert_path(t)), open_checkpoint(new.expert_path(t))
+        assert adapted_expert.keys() == old.keys()
+        assert any(not torch.equal(old.tensor(n), adapted_expert.tensor(n)) for n in old.keys())
+    stack = TaskVectorStack.from_files(new.pretrained_path, [new.expert_path(t) for t in tasks], tasks)
+    for method in METHODS.values():
+        merged = stack.apply(method.merge(stack, method.Config()))
+        report = evaluate(new, merged, tasks=tasks)
+        assert set(report.per_task) == set(tasks)
+    xi = result.xi_task_arithmetic
+    assert set(xi["before"]["per_task"]) == set(tasks) and xi["after"]["total"] >= 0
+    assert set(result.adapted_accuracies) == set(tasks)
+    assert result.timings["adapt_s"] > 0 and [s.steps for s in result.experts] == [QUICK_RI["steps"]] * len(tasks)
+
+
+def test_ri_and_interference_cli(zoo, adapted, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env,
+                              cwd=root, timeout=300)
+
+    _, out = adapted
+    run = cli("interference", "--zoo", str(out), "--method", "task-arithmetic", "--lam", "0.3", "--max-samples",
+              "32", "--json", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    assert payload["reference_experts"] == str(zoo.root)  # ξ against the original experts
+    assert payload["xi"]["total"] == pytest.approx(sum(payload["xi"]["per_task"].values()))
+    own = json.loads(cli("interference", "--zoo", str(out), "--method", "average", "--reference", "own",
+                         "--max-samples", "32", "--json", "--device", "cpu").stdout)
+    assert own["reference_experts"] == str(out)
+
+    run = cli("ri", "--zoo", str(zoo.root), "--out", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "8",
+              "--aux-size", "16", "--aux", "noise", "--alpha", "0.5", "--xi-max-samples", "16", "--json",
+              "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    assert payload["config"]["aux"] == "noise" and payload["config"]["alpha"] == 0.5
+    assert {"before", "after"} <= set(payload["xi_task_arithmetic"]) and payload["timings"]["total_s"] > 0
+    again = cli("ri", "--zoo", str(zoo.root), "--out", str(tmp_path / "cli"), "--steps", "2")
+    assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1
+    bad = cli("ri", "--zoo", str(zoo.root), "--out", str(tmp_path / "x"), "--aux", "imagenet")
+    assert bad.returncode == 2
