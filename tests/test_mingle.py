@@ -269,3 +269,30 @@ def test_config_is_validated(bad):
 
     with pytest.raises(ConfigError):
         Mingle(TINY_VIT, MingleConfig(**bad))
+
+
+def test_gate_activations_average_raw_gate_outputs_over_tokens_and_images():
+    import copy
+
+    from engine.analysis.gates import gate_activations
+
+    encoder = MingleEncoder(copy.deepcopy(_tiny_vit()), "qkv-fc1")
+    for _ in range(2):
+        for layer in encoder.gated():
+            b, a = low_rank_expert(torch.randn(layer.out_features, layer.in_features), 4)
+            layer.add_expert(b, a, init_std=0.5)
+    images = {"x": torch.randn(5, 3, 8, 8), "y": torch.randn(3, 3, 8, 8)}
+    stats = gate_activations(encoder, images, gate_tasks=["x", "y"], batch_size=2)
+    assert stats.per_layer.shape == (8, 2, 2) and stats.mean.shape == (2, 2)
+    # By hand for one layer: its inputs under the same batching, every token's raw gate values, averaged.
+    layer = encoder.linears["encoder.layers.1.mlp.fc1"]
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].reshape(-1, inp[0].shape[-1])))
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            encoder(images["x"][start:start + 2])
+    handle.remove()
+    expected = layer.gate_values(torch.cat(seen)).mean(0).detach()
+    row = stats.layers.index("encoder.layers.1.mlp.fc1")
+    assert torch.allclose(torch.as_tensor(stats.per_layer[row, :, 0]).float(), expected, atol=1e-5)
+    assert stats.std.shape == (2, 2) and (stats.std >= 0).all()
