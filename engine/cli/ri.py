@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                     "works on it, and reports ξ of a Task Arithmetic merge (default λ) before and after.")
     parser.add_argument("--zoo", metavar="DIR", required=True, help="the zoo whose experts to adapt")
     parser.add_argument("--out", metavar="DIR", required=True, help="folder for the adapted zoo (new or empty)")
-    group = parser.add_argument_group("RI settings (demo defaults; the paper's in brackets in --help text)")
+    group = parser.add_argument_group("RI settings (demo defaults; each help names the paper value where one is known)")
     for field in dataclasses.fields(RIConfig):
         meta = field.metadata
         kind = type(field.default)

@@ -19,11 +19,17 @@ observation that most of the ξ drop happens early (1000 of 2500 steps) is what 
 meaningful. The LR was chosen from the RI loss on auxiliary data only (where it stops falling
 quickly), never from task accuracy.
 
-[inferred] choices, each an option (§5.3 "unknown"): AdamW with constant LR starting at θ_i;
+[inferred] choices, each an option (§5.3 "unknown"): AdamW (torch's decoupled decay towards zero;
+at lr·wd = 1e-8 per step it is negligible here, as in the paper) with constant LR starting at θ_i;
 every vision-tower weight trainable; KL(teacher ‖ student) as a batch mean at temperature 1 with
 the heads' logit scale (100) inside the logits; the model kept in eval mode (no dropout) while
 training; θ_0's and θ_i's outputs on the fixed, seeded auxiliary pool computed once and cached
 (θ_0's once for all experts).
+
+A numerical note for α = 0: the loss starts at exactly its minimum (student = teacher), so the
+gradients are float round-off, which Adam's normalisation would turn into lr-sized steps; the
+expert's predictions still stay put (tests/test_ri.py checks KL < 1e-4), but `steps=0` is the
+exact identity.
 """
 from __future__ import annotations
 
