@@ -344,7 +344,7 @@ def offer_zoo_build() -> None:
 # cached engine calls (results as plain dicts)
 # --------------------------------------------------------------------------------------------
 
-@st.cache_data(show_spinner=False, max_entries=512)
+@st.cache_data(show_spinner="Merging and measuring accuracy on every task…", max_entries=512)
 def merge_report(source_key: str, tasks: tuple[str, ...], method_name: str, config_json: str,
                  _active: Active) -> dict[str, Any]:
     """Merge the chosen tasks and evaluate on each one; the AccuracyReport as JSON."""
@@ -395,7 +395,7 @@ def conflict_report(source_key: str, tasks: tuple[str, ...], k: float, trim: str
     return sign_conflicts(_active.subset(list(tasks)), k=float(k), trim=trim).to_json()
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner="Histogramming the task vector…", max_entries=256)
 def magnitude_report(source_key: str, task: str, k: float, trim: str, _active: Active) -> dict[str, Any]:
     from engine.analysis.magnitudes import magnitude_histogram
 
