@@ -101,7 +101,6 @@ def _file_key(path: str | Path) -> tuple:
 def expert_test_logits(zoo, task: str, *, max_samples: int | None = None, device: str = "cpu") -> torch.Tensor:
     """Expert `task`'s logits on task `task`'s test set under its own head (cached per expert file)."""
     from ..checkpoints import open_checkpoint
-    from ..evaluate import load_test_set, predict_logits
 
     path = zoo.expert_path(task)
     key = (_file_key(path), _file_key(zoo.root / "zoo.json") if hasattr(zoo, "root") else None, task,
@@ -110,8 +109,17 @@ def expert_test_logits(zoo, task: str, *, max_samples: int | None = None, device
         reader = open_checkpoint(path)
         weights = {name: reader.tensor(name) for name in reader.keys()}
         images = _test_images(zoo, task, max_samples)
-        _EXPERT_LOGITS[key] = predict_logits(zoo, weights, task, images, device=device).float().cpu()
+        _EXPERT_LOGITS[key] = _predict(zoo, weights, task, images, device).float().cpu()
     return _EXPERT_LOGITS[key]
+
+
+def _predict(zoo, weights, task: str, images, device: str) -> torch.Tensor:
+    """engine.evaluate.predict_logits(zoo, weights, task, images), passing `device` only off the CPU."""
+    from ..evaluate import predict_logits
+
+    if str(device) == "cpu":
+        return predict_logits(zoo, weights, task, images)
+    return predict_logits(zoo, weights, task, images, device=device)
 
 
 def _test_images(zoo, task: str, max_samples: int | None):
@@ -126,8 +134,6 @@ def measure_interference(zoo, merged: Mapping[str, torch.Tensor], tasks: Sequenc
                          max_samples: int | None = None, device: str = "cpu",
                          progress: Callable[[float, str], None] | None = None) -> InterferenceReport:
     """ξ of the merged canonical state dict `merged` against the zoo's experts, per task and in total."""
-    from ..evaluate import predict_logits
-
     tasks = list(tasks) if tasks else list(zoo.task_names())
     unknown = [t for t in tasks if t not in zoo.task_names()]
     if unknown:
@@ -136,7 +142,7 @@ def measure_interference(zoo, merged: Mapping[str, torch.Tensor], tasks: Sequenc
     for i, task in enumerate(tasks):
         expert[task] = expert_test_logits(zoo, task, max_samples=max_samples, device=device)
         images = _test_images(zoo, task, max_samples)
-        student[task] = predict_logits(zoo, merged, task, images, device=device).float().cpu()
+        student[task] = _predict(zoo, merged, task, images, device).float().cpu()
         if progress is not None:
             progress((i + 1) / len(tasks), f"ξ on {task}")
     return interference_from_logits(expert, student)
