@@ -421,8 +421,10 @@ class ZooSource:
 
     @classmethod
     def from_dir(cls, path, tasks: Sequence[str] | None = None) -> "ZooSource":
-        from .zoo.manifest import load_zoo
-
+        try:
+            from .zoo.manifest import load_zoo
+        except ModuleNotFoundError as exc:  # the zoo issue has not landed in this checkout
+            raise ConfigError(f"cannot read zoo {path}: this checkout has no engine.zoo.manifest ({exc.name})") from exc
         return cls(load_zoo(path), tasks)
 
     @staticmethod
