@@ -249,10 +249,13 @@ def conflict_layer_k_heatmap(
     layers: Sequence[str],
     ks: Sequence[float],
     rates: Sequence[Sequence[float]],
+    *,
+    current_k: float | None = None,
 ) -> go.Figure:
     """Heatmap of conflict rate (share of all parameters), layers (rows) × keep fraction k (columns).
 
-    `rates[i][j]` is layer i at ks[j], e.g. from `layer_k_matrix(report["per_tensor_k_curve"])`.
+    `rates[i][j]` is layer i at ks[j], e.g. from `layer_k_matrix(report["per_tensor_k_curve"])`;
+    the column nearest `current_k` is outlined.
     """
     z = [_pct(row) for row in rates]
     fig = go.Figure(go.Heatmap(
@@ -260,6 +263,12 @@ def conflict_layer_k_heatmap(
         colorbar=dict(title=dict(text="conflicting<br>parameters (%)")),
         hovertemplate="layer %{y}<br>k = %{x} %<br>%{z:.2f} % of its parameters conflict<extra></extra>",
     ))
+    if current_k is not None and len(ks):
+        j = min(range(len(ks)), key=lambda i: abs(float(ks[i]) - float(current_k)))
+        fig.add_shape(type="rect", xref="x", yref="paper", x0=j - 0.5, x1=j + 0.5, y0=0, y1=1,
+                      line=dict(color=COLORS["merged"], width=2, dash="dot"))
+        fig.add_annotation(x=j, y=1.0, yref="paper", yanchor="bottom", showarrow=False,
+                           text=f"current k ≈ {float(ks[j]):g}", font=dict(color=COLORS["merged"]))
     return _finish(fig, "Sign-conflict rate per layer as the trim keeps more (k)",
                    "k: share of each task vector kept (%)", "layer",
                    yaxis_autorange="reversed", height=max(420, 160 + 22 * len(layers)),

@@ -66,7 +66,7 @@ numels = {name: math.prod(shape) for name, shape in zip(act.stack.names, act.sta
 if view == "heatmap":
     # one analysis pass already gives every tensor's conflict rate over the whole k grid
     layers, z = figures.layer_k_matrix(report["per_tensor_k_curve"], numels)
-    fig = figures.conflict_layer_k_heatmap(layers, report["k_curve"]["k"], z)
+    fig = figures.conflict_layer_k_heatmap(layers, report["k_curve"]["k"], z, current_k=k)
     note = ("one row per layer (input side at the top), one column per keep fraction k; the colour is the share "
             "of that layer's parameters where kept task vectors pull in opposite directions (out of all "
             "parameters, whatever the denominator above). Keeping more (larger k) lets more small, noisy "

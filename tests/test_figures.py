@@ -117,6 +117,8 @@ def test_conflict_layer_k_heatmap_is_layers_by_k_in_percent():
     hm = fig.data[0]
     assert list(hm.x) == ["10", "20", "50"]
     assert hm.z[1][2] == pytest.approx(20.0)
+    marked = figures.conflict_layer_k_heatmap(["a"], [10, 20, 50], [[0.1, 0.2, 0.3]], current_k=23)
+    assert marked.layout.shapes[0].x0 == 0.5  # the k = 20 column is outlined
 
 
 def test_conflict_vs_k_and_vs_n_tasks_with_baseline():
