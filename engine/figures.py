@@ -5,7 +5,8 @@ JSON-like data (dicts and lists), so a figure can be rebuilt from a saved result
 a title, axis titles with units and a legend where there is more than one series.
 
 Conventions
-- Accuracies and rates arrive as fractions in [0, 1] and are drawn in percent.
+- Accuracies arrive in percent (0-100, as engine.evaluate reports them); normalised accuracies
+  (merged / expert) and conflict rates arrive as ratios/fractions and are drawn in percent.
 - k is the TIES keep fraction in percent (methods.md §3.2), λ is the merge scale.
 - The random-sign baseline (methods.md §3.6) is always a dashed grey line.
 """
@@ -46,7 +47,8 @@ _LEGENDS = {
 
 
 def _pct(values: Sequence[float | None]) -> list[float | None]:
-    return [None if v is None else 100.0 * float(v) for v in values]
+    """Fractions/ratios -> percent (None and NaN stay gaps)."""
+    return [None if v is None or v != v else 100.0 * float(v) for v in values]
 
 
 def _finish(fig: go.Figure, title: str, x_title: str, y_title: str, *, legend: str = "top",
@@ -74,7 +76,7 @@ def accuracy_bars(
     normalized: bool = False,
     merged_label: str = "merged",
 ) -> go.Figure:
-    """Per-task accuracy: merged model next to each task's own expert and the pretrained model.
+    """Per-task accuracy (%): merged model next to each task's own expert and the pretrained model.
 
     With `normalized=True` every bar is divided by the expert's accuracy on that task (the
     "normalised accuracy" of the merging literature), so 100 % means "as good as the expert".
@@ -84,17 +86,17 @@ def accuracy_bars(
         raise ValueError("normalised accuracy needs the individual (expert) accuracies")
 
     def scaled(acc: Mapping[str, float]) -> list[float | None]:
-        out = []
+        out: list[float | None] = []
         for t in tasks:
             v = acc.get(t)
             if v is None:
                 out.append(None)
             elif normalized:
                 ref = individual.get(t) if individual else None
-                out.append(None if not ref else v / ref)
+                out.append(None if not ref else 100.0 * float(v) / float(ref))
             else:
-                out.append(v)
-        return _pct(out)
+                out.append(float(v))
+        return out
 
     fig = go.Figure()
     series = [("pretrained (zero-shot)", pretrained, "pretrained"),
@@ -377,8 +379,8 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
                 individual: Mapping[str, float] | None = None) -> go.Figure:
     """Accuracy vs the swept parameter, one line per method on the same axes.
 
-    `results` are engine.sweep.SweepResult objects or their `to_json()` dicts. `metric` is
-    "average" or a task name. Methods without the swept parameter appear as a flat dashed line
+    `results` are engine.sweep.SweepResult objects or their `to_json()` dicts (accuracies in %,
+    normalised averages as ratios); `metric` is "average" or a task name. Methods without the swept parameter appear as a flat dashed line
     (their accuracy does not depend on it).
     """
     fig = go.Figure()
@@ -387,16 +389,16 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
         r = r if isinstance(r, Mapping) else r.to_json()
         params.add(r["param"])
         if metric == "average":
-            y = r["normalized_average"] if normalized else r["average"]
+            y = _pct(r["normalized_average"]) if normalized else list(r["average"])
         else:
             y = list(r["per_task"][metric])
             if normalized:
                 ref = (individual or {}).get(metric)
-                y = [None if (v is None or not ref) else v / ref for v in y]
+                y = [None if (v is None or not ref) else 100.0 * v / ref for v in y]
         fig.add_scatter(
             name=r.get("label", r["method"]) + ("" if r.get("varies", True) else
                                                  f" (has no {PARAM_SYMBOLS.get(r['param'], r['param'])})"),
-            x=list(r["values"]), y=_pct(y), mode="lines+markers" if r.get("varies", True) else "lines",
+            x=list(r["values"]), y=y, mode="lines+markers" if r.get("varies", True) else "lines",
             line=dict(color=_method_color(r["method"], i), dash="solid" if r.get("varies", True) else "dash"),
             hovertemplate="%{x:g}: %{y:.1f} %<extra>" + r.get("label", r["method"]) + "</extra>",
         )
@@ -419,8 +421,8 @@ def sweep_per_task_lines(result: Any, *, normalized: bool = False,
     fig = go.Figure()
     for i, (task, ys) in enumerate(r["per_task"].items()):
         ref = (individual or {}).get(task)
-        y = [None if v is None else (v / ref if normalized and ref else v) for v in ys]
-        fig.add_scatter(name=task, x=list(r["values"]), y=_pct(y), mode="lines+markers",
+        y = [None if v is None else (100.0 * v / ref if normalized and ref else v) for v in ys]
+        fig.add_scatter(name=task, x=list(r["values"]), y=y, mode="lines+markers",
                         line=dict(color=_CYCLE[i % len(_CYCLE)]),
                         hovertemplate="%{x:g}: %{y:.1f} %<extra>" + task + "</extra>")
     name = PARAM_SYMBOLS.get(r["param"], r["param"])

@@ -21,7 +21,11 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class SweepResult:
-    """Accuracy of one method at each value of one parameter (accuracies as fractions in [0, 1])."""
+    """Accuracy of one method at each value of one parameter.
+
+    Units as engine.evaluate.AccuracyReport: accuracies in percent, normalised averages as ratios
+    (1.0 = as good as the experts).
+    """
 
     method: str
     label: str
@@ -29,7 +33,7 @@ class SweepResult:
     values: list[float]
     config: dict[str, Any]            # the other hyperparameters, held fixed
     tasks: list[str]
-    per_task: dict[str, list[float]]  # task -> accuracy at each value
+    per_task: dict[str, list[float]]  # task -> accuracy (%) at each value
     average: list[float]
     normalized_average: list[float]
     varies: bool = True               # False: the method has no such parameter (flat line)

@@ -190,12 +190,19 @@ def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str
 # --------------------------------------------------------------------------------------------
 
 def default_zoo_dir() -> Path:
+    """$MERGE_EXPLORER_ZOO when set (read at every call, not at import), else the demo zoo's place."""
     env = os.environ.get(ZOO_ENV)
     if env:
         return Path(env).expanduser()
     from engine.zoo.manifest import DEFAULT_ZOO_DIR
 
     return Path(DEFAULT_ZOO_DIR)
+
+
+def _manifest_path(root: Path) -> Path:
+    from engine.zoo.manifest import MANIFEST_NAME
+
+    return Path(root) / MANIFEST_NAME
 
 
 def source_url_params() -> dict[str, Any]:
@@ -221,7 +228,7 @@ def _fingerprint(paths: list[str]) -> tuple:
 
 
 def zoo_is_built(root: Path) -> bool:
-    return (root / "manifest.json").is_file()
+    return _manifest_path(root).is_file()
 
 
 @st.cache_resource(show_spinner="Loading the model zoo…", max_entries=4)
@@ -275,7 +282,7 @@ def _source_for(kind: str, path: str) -> tuple[Any, Any | None, tuple]:
         root = Path(path)
         if not zoo_is_built(root):
             raise MergeExplorerError(f"the demo zoo at {root} is not built yet")
-        fp = _fingerprint([str(root / "manifest.json")])
+        fp = _fingerprint([str(_manifest_path(root))])
         zoo = _load_zoo(str(root), fp)
         from engine.sources import zoo_source
 
@@ -347,7 +354,7 @@ def offer_zoo_build() -> None:
 @st.cache_data(show_spinner="Merging and measuring accuracy on every task…", max_entries=512)
 def merge_report(source_key: str, tasks: tuple[str, ...], method_name: str, config_json: str,
                  _active: Active) -> dict[str, Any]:
-    """Merge the chosen tasks and evaluate on each one; the AccuracyReport as JSON."""
+    """Merge the chosen tasks and evaluate on each one; the AccuracyReport as JSON (accuracies in %)."""
     from engine.evaluate import evaluate
     from engine.methods import get_method
 
@@ -360,17 +367,23 @@ def merge_report(source_key: str, tasks: tuple[str, ...], method_name: str, conf
 
 @st.cache_data(show_spinner="Evaluating the experts and the pretrained model…", max_entries=8)
 def reference_accuracies(source_key: str, _active: Active) -> dict[str, dict[str, float]]:
-    """{"individual": {task: acc}, "pretrained": {task: acc}} for the zoo's tasks."""
+    """{"individual": {task: %}, "pretrained": {task: %}}: the zoo build's measurements from its
+    manifest, evaluated here only where the manifest has none."""
     from engine.evaluate import evaluate_model
 
     zoo = _active.zoo
     individual, pretrained = {}, {}
-    pre = evaluate_model(zoo, "pretrained")
-    pretrained = {t: float(pre.per_task[t]) for t in zoo.task_names() if t in pre.per_task}
     for t in zoo.task_names():
-        rep = evaluate_model(zoo, t)
-        individual[t] = float(rep.per_task[t])
-    return {"individual": individual, "pretrained": pretrained}
+        recorded = zoo.task(t).accuracy
+        individual[t] = recorded.get("finetuned")
+        pretrained[t] = recorded.get("pretrained")
+        if individual[t] is None:
+            individual[t] = float(evaluate_model(zoo, t, tasks=[t]).per_task[t])
+    missing = [t for t, v in pretrained.items() if v is None]
+    if missing:
+        pretrained.update(evaluate_model(zoo, "pretrained", tasks=missing).per_task)
+    return {"individual": {t: float(v) for t, v in individual.items()},
+            "pretrained": {t: float(v) for t, v in pretrained.items()}}
 
 
 def merged_checkpoint_bytes(active_: Active, tasks: list[str], method_name: str, config: dict[str, Any]) -> bytes:

@@ -57,13 +57,14 @@ with results:
         expert_avg = sum(individual.values()) / max(len(individual), 1)
         pre_avg = sum(pretrained.values()) / max(len(pretrained), 1)
 
+        norm_avg = report.get("normalized_average")
         m1, m2, m3 = st.columns(3)
-        m1.metric("Average accuracy", f"{100 * report['average']:.1f} %",
-                  delta=f"{100 * (report['average'] - pre_avg):+.1f} pts vs pretrained",
+        m1.metric("Average accuracy", f"{report['average']:.1f} %",
+                  delta=f"{report['average'] - pre_avg:+.1f} pts vs pretrained",
                   help="Mean top-1 accuracy of the merged model over the merged tasks.")
-        m2.metric("Normalised average", f"{100 * report['normalized_average']:.1f} %",
+        m2.metric("Normalised average", "—" if norm_avg is None else f"{100 * norm_avg:.1f} %",
                   help="Mean of (merged accuracy / expert accuracy) per task: 100 % = no loss from merging.")
-        m3.metric("Experts' average", f"{100 * expert_avg:.1f} %",
+        m3.metric("Experts' average", f"{expert_avg:.1f} %",
                   help="What the individual fine-tuned models reach, each on its own task (the ceiling).")
 
         fig = figures.accuracy_bars(shown_tasks, report["per_task"], individual, pretrained,

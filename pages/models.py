@@ -58,18 +58,27 @@ for start in range(0, len(task_names), cols_per_row):
                 classes = list(task.classes)
                 shown = ", ".join(map(str, classes[:12])) + (" …" if len(classes) > 12 else "")
                 st.caption(f"{len(classes)} classes: {shown}")
-                examples = Path(task.examples_file) if task.examples_file else None
-                if examples is not None and not examples.is_absolute():
-                    examples = Path(act.zoo.root) / examples
+                examples = act.zoo.examples_path(name) if task.examples_file else None
                 if examples is not None and examples.is_file():
-                    st.image(str(examples), caption=f"Test examples of '{name}'", width="stretch")
+                    st.image(str(examples), width="stretch",
+                             caption=f"Test images of '{name}': one row per class, in the order above")
             a, b = st.columns(2)
             ind, pre = reference["individual"].get(name), reference["pretrained"].get(name)
-            a.metric("Expert accuracy", "—" if ind is None else f"{100 * ind:.1f} %",
+            a.metric("Expert accuracy", "—" if ind is None else f"{ind:.1f} %",
                      help="Top-1 accuracy of this task's own fine-tuned model on its test set.")
-            b.metric("Pretrained accuracy", "—" if pre is None else f"{100 * pre:.1f} %",
+            b.metric("Pretrained accuracy", "—" if pre is None else f"{pre:.1f} %",
                      help="Top-1 accuracy of θ₀ (before any fine-tuning) on the same test set.")
 
-if getattr(act.zoo, "model_config", None):
-    with st.expander("Model architecture (demo zoo)"):
-        st.json(act.zoo.model_config)
+config = getattr(act.zoo, "model_config", None) or {}
+if config:
+    kw = config.get("kwargs", {})
+    st.subheader("Model")
+    arch = ", ".join(f"{label} {kw[key]}" for key, label in (("image_size", "image size"),
+                                                                ("patch_size", "patch size"), ("width", "width"),
+                                                                ("layers", "layers"), ("heads", "heads"),
+                                                                ("output_dim", "embedding dim")) if key in kw)
+    st.markdown(f"A CLIP-style vision transformer ({config.get('class', 'VisionTransformer')}): {arch}. "
+                "Each task has a frozen zero-shot head (one unit vector per class); fine-tuning changed only "
+                "the encoder, so the experts can be merged weight by weight.")
+    with st.expander("Full model configuration"):
+        st.json(config)

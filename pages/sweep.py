@@ -115,11 +115,11 @@ for r in results:
     if r["varies"]:
         i = int(np.argmax(r["average"]))
         best_rows.append({"method": r["label"], f"best {figures.PARAM_SYMBOLS[param]}": f"{r['values'][i]:g}",
-                          "average accuracy (%)": round(100 * r["average"][i], 1),
+                          "average accuracy (%)": round(r["average"][i], 1),
                           "normalised average (%)": round(100 * r["normalized_average"][i], 1)})
     else:
         best_rows.append({"method": r["label"], f"best {figures.PARAM_SYMBOLS[param]}": "— (has none)",
-                          "average accuracy (%)": round(100 * r["average"][0], 1),
+                          "average accuracy (%)": round(r["average"][0], 1),
                           "normalised average (%)": round(100 * r["normalized_average"][0], 1)})
 st.dataframe(best_rows, hide_index=True, width="stretch")
 

@@ -35,9 +35,9 @@ def trace(fig: go.Figure, name: str):
 
 
 def test_accuracy_bars_absolute_shows_three_series_in_percent():
-    merged = {"digits": 0.80, "shapes": 0.60, "textures": 0.50}
-    individual = {"digits": 0.95, "shapes": 0.90, "textures": 0.75}
-    pretrained = {"digits": 0.30, "shapes": 0.20, "textures": 0.25}
+    merged = {"digits": 80.0, "shapes": 60.0, "textures": 50.0}  # percent, as engine.evaluate
+    individual = {"digits": 95.0, "shapes": 90.0, "textures": 75.0}
+    pretrained = {"digits": 30.0, "shapes": 20.0, "textures": 25.0}
     fig = figures.accuracy_bars(TASKS, merged, individual, pretrained, merged_label="TIES")
     assert_labelled(fig, y_unit="%")
     assert list(trace(fig, "TIES").y) == pytest.approx([80.0, 60.0, 50.0])
@@ -47,8 +47,8 @@ def test_accuracy_bars_absolute_shows_three_series_in_percent():
 
 
 def test_accuracy_bars_normalised_divides_by_the_expert():
-    merged = {"digits": 0.50, "shapes": 0.45}
-    individual = {"digits": 1.0, "shapes": 0.90}
+    merged = {"digits": 50.0, "shapes": 45.0}
+    individual = {"digits": 100.0, "shapes": 90.0}
     fig = figures.accuracy_bars(["digits", "shapes"], merged, individual, normalized=True)
     assert_labelled(fig, y_unit="%")
     assert list(trace(fig, "merged").y) == pytest.approx([50.0, 50.0])
@@ -167,16 +167,17 @@ def test_magnitude_histogram_marks_the_threshold_and_splits_kept_from_trimmed():
 
 
 def _sweep(method, label, values, avg, varies=True):
+    """Accuracies in percent, normalised averages as ratios (experts at 90 %), as engine.sweep."""
     return SweepResult(method=method, label=label, param="lam", values=values, config={}, tasks=TASKS,
                        per_task={t: list(avg) for t in TASKS}, average=list(avg),
-                       normalized_average=[a / 0.9 for a in avg], varies=varies)
+                       normalized_average=[a / 90.0 for a in avg], varies=varies)
 
 
 def test_sweep_lines_put_methods_on_one_axis():
     values = [0.2, 0.6, 1.0]
-    results = [_sweep("average", "Weight averaging", values, [0.5] * 3, varies=False),
-               _sweep("task-arithmetic", "Task Arithmetic", values, [0.5, 0.7, 0.4]),
-               _sweep("ties", "TIES", values, [0.4, 0.6, 0.75])]
+    results = [_sweep("average", "Weight averaging", values, [50.0] * 3, varies=False),
+               _sweep("task-arithmetic", "Task Arithmetic", values, [50.0, 70.0, 40.0]),
+               _sweep("ties", "TIES", values, [40.0, 60.0, 75.0])]
     fig = figures.sweep_lines(results)
     assert_labelled(fig, y_unit="%")
     assert "λ" in fig.layout.xaxis.title.text
@@ -187,13 +188,86 @@ def test_sweep_lines_put_methods_on_one_axis():
     norm = figures.sweep_lines([r.to_json() for r in results], normalized=True)
     assert trace(norm, "TIES").y[2] == pytest.approx(75.0 / 0.9)
     per_task = figures.sweep_lines(results, metric="shapes", normalized=True,
-                                   individual={"shapes": 0.8})
+                                   individual={"shapes": 80.0})
     assert trace(per_task, "TIES").y[0] == pytest.approx(50.0)
 
 
 def test_sweep_per_task_lines_one_line_per_task():
-    r = _sweep("ties", "TIES", [0.5, 1.0], [0.6, 0.7])
+    r = _sweep("ties", "TIES", [0.5, 1.0], [60.0, 70.0])
     fig = figures.sweep_per_task_lines(r)
     assert_labelled(fig, y_unit="%")
     assert [t.name for t in fig.data] == TASKS
     assert not any(v is None or math.isnan(v) for v in fig.data[0].y)
+
+
+# --------------------------------------------------------------------------- engine.sweep
+
+
+def _tiny_stack():
+    import torch
+
+    from engine.task_vectors import TaskVectorStack
+
+    g = torch.Generator().manual_seed(0)
+    base = {"layers.0.w": torch.randn(4, 3, generator=g), "layers.1.b": torch.randn(5, generator=g)}
+    experts = [{n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in base.items()} for _ in range(3)]
+    return TaskVectorStack.from_state_dicts(base, experts, tasks=TASKS)
+
+
+class _Report:
+    def __init__(self, per_task):
+        self.per_task = per_task
+        self.average = sum(per_task.values()) / len(per_task)
+        self.normalized_average = self.average / 90.0
+
+
+def _distance_accuracy(stack):
+    """A stand-in for engine.evaluate: accuracy (%) falls with the distance from each expert."""
+    import torch
+
+    def evaluate_fn(state_dict):
+        delta = torch.cat([(state_dict[n].float() - stack.base[n].float()).reshape(-1) for n in stack.names])
+        return _Report({t: float(100.0 - 50.0 * (delta - stack.data[i]).norm()) for i, t in enumerate(stack.tasks)})
+
+    return evaluate_fn
+
+
+def test_sweep_merges_at_every_value_and_reports_progress():
+    from engine.methods import get_method
+    from engine.sweep import sweep
+
+    stack = _tiny_stack()
+    seen = []
+    result = sweep(stack, get_method("task-arithmetic"), "lam", [0.0, 0.5, 1.0],
+                   evaluate_fn=_distance_accuracy(stack), progress=lambda f, m: seen.append(f))
+    assert result.values == [0.0, 0.5, 1.0] and result.varies
+    assert len(result.average) == 3 and set(result.per_task) == set(TASKS)
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    # λ = 0 is the pretrained model: same accuracy as evaluating θ0 directly
+    assert result.average[0] == pytest.approx(_distance_accuracy(stack)(stack.base).average)
+    assert result.best()[0] in result.values
+    json_ready = result.to_json()
+    assert json_ready["param"] == "lam" and json_ready["method"] == "task-arithmetic"
+
+
+def test_sweep_keeps_other_hyperparameters_and_flattens_methods_without_the_parameter():
+    from engine.methods import get_method
+    from engine.sweep import sweep_methods
+
+    stack = _tiny_stack()
+    calls = []
+
+    def counting(state_dict):
+        calls.append(1)
+        return _distance_accuracy(stack)(state_dict)
+
+    fractions = []
+    average, ties = sweep_methods(stack, [get_method("average"), get_method("ties")], "k", [10.0, 50.0, 100.0],
+                                  evaluate_fn=counting, configs={"ties": {"lam": 0.7, "k": 99.0}},
+                                  progress=lambda f, m: fractions.append(f))
+    assert len(calls) == 1 + 3  # averaging has no k: evaluated once, drawn flat
+    assert not average.varies and len(set(average.average)) == 1 and len(average.average) == 3
+    assert ties.varies and ties.config == {"lam": 0.7}  # the swept k is not "held fixed"
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    fig = figures.sweep_lines([average, ties])
+    assert "k" in fig.layout.title.text and len(fig.data) == 2
