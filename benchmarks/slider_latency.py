@@ -29,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# What app.py sets before torch loads (see there): measure the app's configuration.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TARGET_S = 1.0
 
@@ -156,12 +158,15 @@ def main() -> int:
     parser.add_argument("--no-apptest", action="store_true", help="skip the whole-script (AppTest) timings")
     args = parser.parse_args()
     zoo_dir = args.zoo or Path(os.environ.get("MERGE_EXPLORER_ZOO") or _default_zoo())
-    if not (zoo_dir / "manifest.json").is_file():
+    from engine.zoo.manifest import MANIFEST_NAME
+
+    if not (zoo_dir / MANIFEST_NAME).is_file():
         print(f"no zoo at {zoo_dir}: build it with `python -m engine zoo build` (or pass --zoo)", file=sys.stderr)
         return 2
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.2f}")
     rows = _engine_paths(zoo_dir, args.repeats)
     if not args.no_apptest:
         rows += _apptest_paths(zoo_dir, args.repeats)

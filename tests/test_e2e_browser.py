@@ -170,6 +170,9 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     page.goto(server)
     settle(page)
     page.get_by_text("experts from the demo zoo").wait_for()
+    page.get_by_text("Expert accuracy").first.wait_for()  # the task cards, drawn last
+    page.locator('[data-testid="stImage"] img').first.wait_for()
+    settle(page)
     assert page.get_by_role("heading", name="Models").count() >= 1
     assert_no_error_text(page)
     shot(page, "1-models")
