@@ -44,8 +44,10 @@ if act.zoo is None:
     st.stop()
 
 reference = shared.reference_accuracies(act.key, act)
+st.caption("Each card: what the task asks, test images (one row per class), and the top-1 accuracy of the "
+           "task's own expert and of the pretrained model θ₀ on its held-out test set.")
 by_name = {t.name: t for t in act.zoo.tasks}
-cols_per_row = 2
+cols_per_row = 4
 task_names = act.tasks
 for start in range(0, len(task_names), cols_per_row):
     cols = st.columns(cols_per_row, border=True)
@@ -53,21 +55,19 @@ for start in range(0, len(task_names), cols_per_row):
         task = by_name.get(name)
         with col:
             st.markdown(f"#### {name}")
+            ind, pre = reference["individual"].get(name), reference["pretrained"].get(name)
+            st.markdown(f"Expert **{'—' if ind is None else f'{ind:.1f} %'}** · pretrained "
+                        f"**{'—' if pre is None else f'{pre:.1f} %'}**",
+                        help="Top-1 accuracy on the task's test set: its own fine-tuned expert, and θ₀ "
+                             "before any fine-tuning.")
             if task is not None:
                 st.write(task.description)
-                classes = list(task.classes)
-                shown = ", ".join(map(str, classes[:12])) + (" …" if len(classes) > 12 else "")
-                st.caption(f"{len(classes)} classes: {shown}")
                 examples = act.zoo.examples_path(name) if task.examples_file else None
                 if examples is not None and examples.is_file():
-                    st.image(str(examples), width="stretch",
-                             caption=f"Test images of '{name}': one row per class, in the order above")
-            a, b = st.columns(2)
-            ind, pre = reference["individual"].get(name), reference["pretrained"].get(name)
-            a.metric("Expert accuracy", "—" if ind is None else f"{ind:.1f} %",
-                     help="Top-1 accuracy of this task's own fine-tuned model on its test set.")
-            b.metric("Pretrained accuracy", "—" if pre is None else f"{pre:.1f} %",
-                     help="Top-1 accuracy of θ₀ (before any fine-tuning) on the same test set.")
+                    st.image(str(examples), width="stretch")
+                classes = list(task.classes)
+                shown = ", ".join(map(str, classes[:12])) + (" …" if len(classes) > 12 else "")
+                st.caption(f"{len(classes)} classes, one row each: {shown}")
 
 config = getattr(act.zoo, "model_config", None) or {}
 if config:

@@ -103,6 +103,7 @@ def test_app_opens_on_models_with_the_zoo_tasks_size_and_device(app, quick_zoo):
         [f"#### {t}" for t in zoo_root_tasks(quick_zoo)]
     assert any("experts from the demo zoo" in s.value for s in at.sidebar.success)
     assert len(at.image) >= 1  # example images of the tasks
+    assert sum("Expert **" in m.value for m in at.markdown) == n_tasks
 
 
 def zoo_root_tasks(quick_zoo) -> list[str]:

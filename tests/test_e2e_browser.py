@@ -123,6 +123,11 @@ def go(page, nav_title: str) -> None:
     settle(page)
 
 
+def wait_for_url_param(page, fragment: str) -> None:
+    """The app writes its settings into the URL at the end of a run: wait for `fragment` there."""
+    page.wait_for_function("(f) => window.location.href.includes(f)", arg=fragment, timeout=STEP_TIMEOUT_MS)
+
+
 def chart_data(page, index: int = 0) -> str:
     """The data of the index-th plotly chart as the browser holds it (JSON)."""
     return page.evaluate(
@@ -170,7 +175,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     page.goto(server)
     settle(page)
     page.get_by_text("experts from the demo zoo").wait_for()
-    page.get_by_text("Expert accuracy").first.wait_for()  # the task cards, drawn last
+    page.get_by_text("classes, one row each").first.wait_for()  # the task cards, drawn last
     page.locator('[data-testid="stImage"] img').first.wait_for()
     settle(page)
     assert page.get_by_role("heading", name="Models").count() >= 1
@@ -185,7 +190,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     legend = page.locator(".js-plotly-plot .legend").first.text_content()
     assert "TIES-Merging" in legend and "individual expert" in legend
     assert page.get_by_text("Average accuracy").count() >= 1
-    assert "method=ties" in page.url
+    wait_for_url_param(page, "method=ties")
     assert_no_error_text(page)
     shot(page, "2-merge-ties")
 
@@ -193,7 +198,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     lam = nudge_slider(page, "λ (scaling)", "ArrowLeft", 1)
     lam += nudge_slider(page, "λ (scaling)", "ArrowLeft", 3)
     k = nudge_slider(page, "trim k (%)", "ArrowRight", 3)
-    assert "lam=0.8" in page.url  # 1.0 - 4 × 0.05, the link reopens this view
+    wait_for_url_param(page, "lam=0.8")  # 1.0 - 4 × 0.05: the link reopens this view
     assert_no_error_text(page)
     (ARTIFACTS / "e2e-slider-latency.json").write_text(json.dumps(
         {"lam_first_s": lam[0], "lam_warm_s": lam[1:], "k_s": k,
@@ -217,8 +222,10 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
 
     page.get_by_role("radio", name="heatmap: layers × k").click()
     settle(page)
+    wait_for_url_param(page, "view=heatmap")
+    page.wait_for_function("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                           ".some(g => g.data && g.data[0].type === 'heatmap' && g.data[0].x.length > 5)")
     assert any("per layer as the trim keeps more" in t for t in chart_titles(page))
-    assert "view=heatmap" in page.url
     assert_no_error_text(page)
     shot(page, "4-interference-heatmap")
 
