@@ -1,0 +1,561 @@
+"""Build the demo zoo: pretrain a tiny CLIP vision tower, fine-tune one expert per task, measure.
+
+The recipe is the TIES / MINGLE setting in miniature (methods.md §2-4, §6.4, §7):
+
+1. **Pretraining ("CLIP").** An open_clip `VisionTransformer` (ViT-B/32's code path and parameter
+   names; 32x32 input, 8x8 patches, 17 tokens) learns from a generic pool of photo crops and
+   drawings (tasks.py `render_pool`), each with a one-word "caption" (its subject). As in CLIP the
+   image embedding is matched against caption embeddings by scaled cosine similarity; with
+   one-word captions the text tower is just an embedding table. Two standard initialisations make
+   a ViT learn in a few CPU minutes: whitened-PCA patch filters from pool patches, and mimetic
+   self-attention (Trockman & Kolter 2023: W_q W_k^T ~ I, W_v W_o ~ -I).
+2. **Zero-shot heads.** CLIP classifies with text embeddings of class prompts. Our analogue of a
+   prompt is a canonical, clean rendering of the class (tasks.py `prototype_images`, several
+   "templates" per class); a head row is the L2-normalised mean of the pretrained tower's
+   normalised embeddings of those renders (as FusionBench averages normalised template embeddings,
+   §6.4). Logits use CLIP's logit scale of 100. Heads are frozen for good.
+3. **Experts.** Each task fine-tunes the whole vision tower from theta_0 with its head frozen
+   (cross-entropy on logit_scale * cosine), as the task_vectors / FusionBench checkpoints were.
+4. **Measurements.** Pretrained, individual, and the merges the papers compare (simple averaging,
+   Task Arithmetic lambda 0.3, TIES k 20 lambda 1 mean) through the engine's own merge methods and
+   `engine.evaluate`; stored in zoo.json. Whatever ordering comes out is reported as measured.
+
+Determinism: every random draw comes from a generator seeded by (seed, purpose); training runs with
+`torch.use_deterministic_algorithms` and fixed thread counts (2 for pretraining, 1 per expert, so
+experts can train in parallel worker processes without changing a bit), so the same seed gives
+the same bytes on the same kind of CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MergeExplorerError
+from . import tasks as task_defs
+from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, Zoo, ZooTask, default_zoo_dir, load_zoo,
+                       read_manifest, zoo_from_manifest)
+
+# Bump whenever anything that changes the zoo's contents changes (renderers, recipe, code paths):
+# `zoo build` rebuilds a zoo whose manifest records another version.
+RECIPE_VERSION = "2026.11.22-1"
+DEFAULT_SEED = 0
+
+Progress = Callable[[float, str], None]
+
+PRETRAIN_THREADS = 2
+FINETUNE_THREADS = 1
+MODEL_KWARGS = dict(image_size=task_defs.IMAGE_SIZE, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=4.0,
+                    output_dim=64)
+LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) (methods.md §6.4)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    tasks: tuple[str, ...]
+    n_train: int  # rendered per task at build time (not stored)
+    n_test: int  # stored per task
+    pool_size: int  # pretraining pool rendered at build time
+    pool_stored: int  # of which stored in the zoo (unlabeled auxiliary data)
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_lr: float
+    pretrain_weight_decay: float
+    finetune_steps: int
+    finetune_batch: int
+    finetune_lr: float
+    finetune_weight_decay: float
+    prototype_variants: int = task_defs.PROTOTYPE_VARIANTS
+    examples_per_class: int = 8
+
+
+FULL_RECIPE = Recipe(
+    tasks=tuple(t.name for t in task_defs.TASKS), n_train=8000, n_test=500, pool_size=12000, pool_stored=4096,
+    pretrain_steps=3000, pretrain_batch=128, pretrain_lr=2e-3, pretrain_weight_decay=0.05,
+    finetune_steps=800, finetune_batch=64, finetune_lr=2e-3, finetune_weight_decay=0.0,
+)
+# For tests and CI: four tasks, small splits, short training (no accuracy targets).
+QUICK_RECIPE = Recipe(
+    tasks=("digits", "colors", "arrows", "landuse"), n_train=800, n_test=200, pool_size=1500, pool_stored=256,
+    pretrain_steps=120, pretrain_batch=64, pretrain_lr=2e-3, pretrain_weight_decay=0.05,
+    finetune_steps=80, finetune_batch=64, finetune_lr=2e-3, finetune_weight_decay=0.0, examples_per_class=4,
+)
+
+# Point 5 of the zoo issue: the papers' qualitative setting (methods.md §7: individual 90.3,
+# zero-shot 48.2, averaging 66.5 on ViT-B/32 x 8 tasks).
+TARGETS = {"finetuned_average_min": 90.0, "pretrained_average_max": 65.0, "averaging_drop_min": 10.0}
+
+# The merges measured at build time: (row name, engine method, hyperparameters).
+MERGES = (
+    ("averaging", "average", {}),
+    ("task_arithmetic", "task-arithmetic", {"lam": 0.3}),
+    ("ties", "ties", {"k": 20.0, "lam": 1.0, "disjoint": "mean"}),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _torch_settings(threads: int):
+    """Deterministic kernels and a fixed thread count, restored afterwards."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def _generator(seed: int, *purpose: int) -> torch.Generator:
+    mixed = int(np.random.SeedSequence([seed, *purpose]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def _to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1] (augmentations work here, before CLIP normalisation)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    from ..evaluate import CLIP_MEAN, CLIP_STD
+
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def _affine(x: torch.Tensor, g: torch.Generator, *, scale: tuple[float, float], aspect: float, shift: float,
+            keep_inside: bool) -> torch.Tensor:
+    """Batched random zoom/aspect/translation by grid sampling (reflection at the borders)."""
+    n = x.shape[0]
+    s = torch.empty(n).uniform_(scale[0], scale[1], generator=g)
+    r = torch.exp(torch.empty(n).uniform_(-math.log(aspect), math.log(aspect), generator=g))
+    sx, sy = (s * r.sqrt()).clamp(max=1.2), (s / r.sqrt()).clamp(max=1.2)
+    if keep_inside:  # random-resized-crop: a window inside the image
+        tx = (torch.rand(n, generator=g) * 2 - 1) * (1 - sx).clamp(min=0)
+        ty = (torch.rand(n, generator=g) * 2 - 1) * (1 - sy).clamp(min=0)
+    else:
+        tx = (torch.rand(n, generator=g) * 2 - 1) * shift
+        ty = (torch.rand(n, generator=g) * 2 - 1) * shift
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    """Linear warm-up over the first 10 % of steps, then cosine decay to 0."""
+    warmup = max(1, total // 10)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _new_model(seed: int) -> torch.nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(seed)  # open_clip initialises from the global generator
+    return VisionTransformer(**MODEL_KWARGS)
+
+
+def _pca_patch_init(model: torch.nn.Module, pool: torch.Tensor, g: torch.Generator, n_images: int = 2048) -> None:
+    """Patch-embedding filters = whitened principal components of pool patches (a data-driven init)."""
+    conv = model.conv1
+    width, _, p, _ = conv.weight.shape
+    x = _normalize(pool[torch.randint(0, len(pool), (n_images,), generator=g)])
+    patches = F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, 3 * p * p)
+    patches = patches - patches.mean(0)
+    _, s, vh = torch.linalg.svd(patches, full_matrices=False)
+    std = s[:width] / math.sqrt(len(patches))
+    with torch.no_grad():
+        conv.weight.copy_((0.5 * vh[:width] / std[:, None]).reshape(conv.weight.shape))
+
+
+def _mimetic_attention_init(model: torch.nn.Module, g: torch.Generator) -> None:
+    """Mimetic initialisation (Trockman & Kolter 2023): W_q^T W_k ~ 0.7 Z + 0.7 I, W_v^T W_o^T ~ 0.4 Z - 0.4 I."""
+    with torch.no_grad():
+        for block in model.transformer.resblocks:
+            attn = block.attn
+            w = attn.embed_dim
+            z = torch.randn(w, w, generator=g) / math.sqrt(w)
+            u, s, vh = torch.linalg.svd(0.7 * z + 0.7 * torch.eye(w))
+            attn.in_proj_weight[:w] = (u * s.sqrt()).T
+            attn.in_proj_weight[w:2 * w] = (vh.T * s.sqrt()).T
+            z = torch.randn(w, w, generator=g) / math.sqrt(w)
+            u, s, vh = torch.linalg.svd(0.4 * z - 0.4 * torch.eye(w))
+            attn.in_proj_weight[2 * w:] = (vh.T * s.sqrt()).T
+            attn.out_proj.weight.copy_(u * s.sqrt())
+
+
+def _open_clip_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tower's weights exactly as open_clip names them in a CLIP checkpoint (`visual.` prefix)."""
+    return {f"visual.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def _save_model(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+    from ..checkpoints import save_safetensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(path, _open_clip_state(model), metadata)
+
+
+def _save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
+    from ..checkpoints import save_safetensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, metadata)
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of the tensors in a safetensors file (names, dtypes, shapes, bytes), not of the file:
+    safetensors writes its metadata map in a random order, so equal contents can differ in bytes."""
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, array in sorted(load_file(str(path)).items()):
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
+             progress: Progress | None = None) -> torch.nn.Module:
+    """CLIP-style pretraining on the generic pool: image embedding vs one-word caption embedding."""
+    g = _generator(seed, 1)
+    images = _to_input(pool)
+    labels = torch.from_numpy(concepts)
+    model = _new_model(seed)
+    _pca_patch_init(model, images, g)
+    _mimetic_attention_init(model, g)
+    n_concepts = len(task_defs.POOL_CONCEPTS)
+    captions = torch.nn.Parameter(torch.randn(n_concepts, MODEL_KWARGS["output_dim"], generator=g) * 0.1)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # CLIP's learnable temperature
+    optimizer = torch.optim.AdamW([*model.parameters(), captions, log_scale], lr=recipe.pretrain_lr,
+                                  weight_decay=recipe.pretrain_weight_decay)
+    model.train()
+    for step in range(recipe.pretrain_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, recipe.pretrain_steps, recipe.pretrain_lr)
+        index = torch.randint(0, len(images), (recipe.pretrain_batch,), generator=g)
+        x = _affine(images[index], g, scale=(0.84, 1.0), aspect=1.15, shift=0.0, keep_inside=True)
+        z = F.normalize(model(_normalize(x)), dim=-1)
+        logits = log_scale.clamp(max=math.log(100.0)).exp() * z @ F.normalize(captions, dim=-1).T
+        loss = F.cross_entropy(logits, labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None and (step % 50 == 0 or step == recipe.pretrain_steps - 1):
+            progress((step + 1) / recipe.pretrain_steps, f"pretraining: step {step + 1}/{recipe.pretrain_steps}, "
+                                                         f"caption loss {loss.item():.2f}")
+    return model.eval()
+
+
+def prototype_head(model: torch.nn.Module, task: str, variants: int) -> torch.Tensor:
+    """The frozen zero-shot head of `task`: per class, the normalised mean of the pretrained tower's
+    normalised embeddings of its canonical renders (the analogue of averaging prompt templates)."""
+    images, labels = task_defs.prototype_images(task, variants)
+    with torch.no_grad():
+        features = F.normalize(model.eval()(_normalize(_to_input(images))), dim=-1)
+    rows = [F.normalize(features[torch.from_numpy(labels) == c].mean(0), dim=0) for c in range(int(labels.max()) + 1)]
+    return torch.stack(rows).contiguous()
+
+
+def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, images: np.ndarray, labels: np.ndarray,
+             recipe: Recipe, seed: int, task_index: int) -> tuple[torch.nn.Module, float]:
+    """Full fine-tuning of the vision tower on one task, head frozen: CE on 100 * cosine."""
+    g = _generator(seed, 2, task_index)
+    model = _new_model(seed)
+    model.load_state_dict({k.removeprefix("visual."): v for k, v in pretrained_state.items()})
+    x_all, y_all = _to_input(images), torch.from_numpy(labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
+    model.train()
+    losses = []
+    for step in range(recipe.finetune_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, recipe.finetune_steps, recipe.finetune_lr)
+        index = torch.randint(0, len(x_all), (recipe.finetune_batch,), generator=g)
+        x = _affine(x_all[index], g, scale=(0.9, 1.1), aspect=1.0, shift=0.12, keep_inside=False)
+        z = F.normalize(model(_normalize(x)), dim=-1)
+        loss = F.cross_entropy(LOGIT_SCALE * z @ head.T, y_all[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return model.eval(), float(np.mean(losses[-max(1, len(losses) // 10):]))
+
+
+def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One task, start to finish (runs in a worker process): render its splits, save the test split
+    and example grid, fine-tune its expert from theta_0 and save it."""
+    start = time.perf_counter()
+    recipe = Recipe(**{**job["recipe"], "tasks": tuple(job["recipe"]["tasks"])})
+    task, seed, root = job["task"], job["seed"], Path(job["root"])
+    spec = task_defs.get_task(task)
+    with _torch_settings(FINETUNE_THREADS):
+        test_images, test_labels = task_defs.render_split(spec, "test", recipe.n_test, seed)
+        _save_arrays(root / job["test_file"], {"images": test_images, "labels": test_labels},
+                     {"zoo_task": task, "split": "test", "classes": list(spec.classes)})
+        (root / job["examples_file"]).parent.mkdir(parents=True, exist_ok=True)
+        task_defs.example_grid(test_images, test_labels, spec.num_classes,
+                               per_class=recipe.examples_per_class).save(root / job["examples_file"])
+        train_images, train_labels = task_defs.render_split(spec, "train", recipe.n_train, seed)
+        render_s = time.perf_counter() - start
+        pretrained_state = _load_open_clip(root / job["pretrained_file"])
+        head = torch.from_numpy(job["head"])
+        model, loss = finetune(pretrained_state, head, train_images, train_labels, recipe, seed, job["task_index"])
+        _save_model(root / job["expert_file"], model, {"zoo_task": task, "role": "expert",
+                                                       "recipe_version": RECIPE_VERSION, "seed": seed})
+    return {"task": task, "render_s": render_s, "seconds": time.perf_counter() - start, "final_loss": loss}
+
+
+def _load_open_clip(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------
+
+
+def _recipe_for(quick: bool) -> Recipe:
+    return QUICK_RECIPE if quick else FULL_RECIPE
+
+
+def up_to_date(root: str | Path, quick: bool = False, seed: int = DEFAULT_SEED) -> bool:
+    """Whether `root` holds a complete zoo built by this recipe version, seed and size."""
+    try:
+        data = read_manifest(root)
+        zoo = zoo_from_manifest(Path(root).expanduser(), data)
+        load_zoo(root)
+    except MergeExplorerError:
+        return False
+    return (zoo.recipe_version == RECIPE_VERSION and zoo.seed == seed and zoo.quick == quick
+            and data.get("format_version") == FORMAT_VERSION)
+
+
+def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Progress | None = None,
+              force: bool = False, seed: int = DEFAULT_SEED, workers: int | None = None) -> Zoo:
+    """Build the demo zoo at `root` (default: `DEFAULT_ZOO_DIR`) and return it.
+
+    A no-op returning the existing zoo when one built by this recipe version, seed and size is
+    there (unless `force`). `progress(fraction, message)` is called as the build goes. `workers`
+    processes fine-tune experts in parallel (default: 2 when the machine has 2+ cores); the
+    result does not depend on it.
+    """
+    root = Path(root).expanduser() if root is not None else default_zoo_dir()
+    report = progress or (lambda fraction, message: None)
+    if not force and up_to_date(root, quick, seed):
+        report(1.0, f"the zoo at {root} is up to date (recipe {RECIPE_VERSION})")
+        return load_zoo(root)
+    recipe = _recipe_for(quick)
+    if workers is None:
+        workers = 1 if quick else min(2, os.cpu_count() or 1)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MergeExplorerError(f"cannot create the zoo folder {root}: {exc.strerror}") from exc
+    # A half-built zoo must never look complete: drop the manifest first, write it last.
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+    for stale in ("experts", "data", "examples"):
+        shutil.rmtree(root / stale, ignore_errors=True)
+
+    timings: dict[str, float] = {}
+    start_all = time.perf_counter()
+    with _torch_settings(PRETRAIN_THREADS):
+        # 1. The generic pool and CLIP-style pretraining.
+        report(0.0, f"rendering the pretraining pool ({recipe.pool_size} images)")
+        start = time.perf_counter()
+        pool, concepts = task_defs.render_pool(recipe.pool_size, seed)
+        _save_arrays(root / "data/pool.safetensors", {"images": pool[:recipe.pool_stored]},
+                     {"content": "unlabeled pretraining-pool images (uint8 NHWC)"})
+        timings["pool_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        model = pretrain(pool, concepts, recipe, seed, lambda f, m: report(0.02 + 0.38 * f, m))
+        _save_model(root / "pretrained.safetensors", model,
+                    {"role": "pretrained", "recipe_version": RECIPE_VERSION, "seed": seed})
+        timings["pretrain_s"] = time.perf_counter() - start
+
+        # 2. Zero-shot heads from canonical renders.
+        heads = {t: prototype_head(model, t, recipe.prototype_variants) for t in recipe.tasks}
+        _save_arrays(root / "heads.safetensors", {t: h.numpy() for t, h in heads.items()},
+                     {"content": "frozen zero-shot heads, unit rows; logits = 100 * <normalize(f(x)), row>"})
+        del model
+
+    # 3. One expert per task (parallel workers; each single-threaded and deterministic).
+    start = time.perf_counter()
+    jobs = []
+    for i, task in enumerate(recipe.tasks):
+        jobs.append({"task": task, "task_index": [t.name for t in task_defs.TASKS].index(task), "seed": seed,
+                     "root": str(root), "recipe": dataclasses.asdict(recipe), "pretrained_file": "pretrained.safetensors",
+                     "head": heads[task].numpy(), "expert_file": f"experts/{task}.safetensors",
+                     "test_file": f"data/{task}.test.safetensors", "examples_file": f"examples/{task}.png"})
+    results: dict[str, dict[str, Any]] = {}
+    report(0.4, f"fine-tuning {len(jobs)} experts ({workers} worker{'s' if workers > 1 else ''})")
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool_exec:
+            futures = [pool_exec.submit(_expert_job, job) for job in jobs]
+            for future in as_completed(futures):
+                result = future.result()
+                results[result["task"]] = result
+                report(0.4 + 0.5 * len(results) / len(jobs),
+                       f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
+    else:
+        for job in jobs:
+            result = _expert_job(job)
+            results[result["task"]] = result
+            report(0.4 + 0.5 * len(results) / len(jobs),
+                   f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
+    timings["experts_s"] = time.perf_counter() - start
+
+    # 4. Measure: a provisional manifest lets engine.evaluate read the zoo like any other.
+    start = time.perf_counter()
+    report(0.9, "measuring accuracies: pretrained, experts, merges")
+    manifest = _manifest(root, recipe, seed, quick, results)
+    zoo = zoo_from_manifest(root, manifest)
+    table, cross = _measure(zoo, recipe)
+    timings["evaluate_s"] = time.perf_counter() - start
+    timings["total_s"] = time.perf_counter() - start_all
+    _finish_manifest(manifest, zoo, table, cross, timings, workers)
+    _write_json(root / MANIFEST_NAME, manifest)
+    report(1.0, f"zoo built at {root} in {timings['total_s']:.0f} s")
+    return load_zoo(root)
+
+
+def _manifest(root: Path, recipe: Recipe, seed: int, quick: bool, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    import open_clip
+
+    from ..evaluate import CLIP_MEAN, CLIP_STD
+
+    tasks = []
+    for name in recipe.tasks:
+        spec = task_defs.get_task(name)
+        tasks.append(ZooTask(name=name, description=spec.description, classes=list(spec.classes),
+                             n_train=recipe.n_train, n_test=recipe.n_test, expert_file=f"experts/{name}.safetensors",
+                             examples_file=f"examples/{name}.png", test_file=f"data/{name}.test.safetensors",
+                             examples_per_class=recipe.examples_per_class).to_json())
+    files = {"pretrained": "pretrained.safetensors", "heads": "heads.safetensors", "pool": "data/pool.safetensors"}
+    hashed = [files["pretrained"], files["heads"], files["pool"]]
+    for t in tasks:
+        hashed += [t["expert_file"], t["test_file"]]
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "recipe_version": RECIPE_VERSION, "seed": seed,
+        "quick": quick, "created_by": "python -m engine zoo build" + (" --quick" if quick else ""),
+        "model": {"library": "open_clip", "class": "open_clip.transformer.VisionTransformer",
+                  "kwargs": dict(MODEL_KWARGS), "state_dict_prefix": "visual.", "logit_scale": LOGIT_SCALE,
+                  "preprocess": {"image_size": MODEL_KWARGS["image_size"], "layout": "uint8 NHWC -> float NCHW / 255",
+                                 "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}},
+        "files": files,
+        "pool": {"file": files["pool"], "n_images": recipe.pool_stored, "n_pretraining_images": recipe.pool_size,
+                 "description": "generic photo crops and drawings, unrelated to any single task; labels dropped"},
+        "heads": {"file": files["heads"], "kind": "zero-shot prototypes: normalised mean of the pretrained tower's "
+                  "normalised embeddings of canonical class renders", "variants_per_class": recipe.prototype_variants},
+        "recipe": {**dataclasses.asdict(recipe), "tasks": list(recipe.tasks), "targets": TARGETS,
+                   "pretrain_threads": PRETRAIN_THREADS, "finetune_threads": FINETUNE_THREADS},
+        "tasks": tasks,
+        "experts": {t: {"final_train_loss": r["final_loss"], "seconds": r["seconds"]} for t, r in results.items()},
+        "content_sha256": {path: _sha256(root / path) for path in hashed},
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+    }
+
+
+def _measure(zoo: Zoo, recipe: Recipe) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """{row: {task: pct}} for pretrained / finetuned / the merges, and every expert on every task."""
+    from ..evaluate import evaluate
+    from ..methods import get_method
+    from ..task_vectors import TaskVectorStack
+
+    names = zoo.task_names()
+    table: dict[str, dict[str, float]] = {}
+    table["pretrained"] = evaluate(zoo, "pretrained", device="cpu").per_task
+    cross = {t: evaluate(zoo, t, device="cpu").per_task for t in names}  # expert t on every task
+    table["finetuned"] = {t: cross[t][t] for t in names}
+    for t in zoo.tasks:  # the normalisation reference from here on
+        t.accuracy["finetuned"] = table["finetuned"][t.name]
+    stack = TaskVectorStack.from_files(zoo.pretrained_path, [zoo.expert_path(t) for t in names], tasks=names)
+    for row, method_name, config in MERGES:
+        method = get_method(method_name)
+        merged = stack.apply(method.merge(stack, method.config(**config)))
+        table[row] = evaluate(zoo, merged, device="cpu").per_task
+    return table, cross
+
+
+def _finish_manifest(manifest: dict[str, Any], zoo: Zoo, table: dict[str, dict[str, float]],
+                     cross: dict[str, dict[str, float]], timings: dict[str, float], workers: int) -> None:
+    names = zoo.task_names()
+    finetuned = table["finetuned"]
+    rows = {}
+    for row, per_task in table.items():
+        normalized = {t: per_task[t] / finetuned[t] for t in names if finetuned[t] > 0}
+        rows[row] = {"per_task": {t: round(per_task[t], 4) for t in names},
+                     "average": round(float(np.mean([per_task[t] for t in names])), 4),
+                     "normalized": {t: round(v, 6) for t, v in normalized.items()},
+                     "normalized_average": round(float(np.mean(list(normalized.values()))), 6)}
+    manifest["table"] = rows
+    manifest["merges"] = {row: {"method": method, "config": config} for row, method, config in MERGES}
+    manifest["expert_on_tasks"] = {t: {u: round(v, 4) for u, v in cross[t].items()} for t in names}
+    for task in manifest["tasks"]:
+        task["accuracy"] = {row: rows[row]["per_task"][task["name"]] for row in rows}
+    drop = rows["finetuned"]["average"] - rows["averaging"]["average"]
+    manifest["targets"] = {
+        **TARGETS,
+        "measured": {"finetuned_average": rows["finetuned"]["average"], "pretrained_average": rows["pretrained"]["average"],
+                     "averaging_drop": round(drop, 4)},
+        "met": {"finetuned_average": rows["finetuned"]["average"] >= TARGETS["finetuned_average_min"],
+                "pretrained_average": rows["pretrained"]["average"] <= TARGETS["pretrained_average_max"],
+                "averaging_drop": drop >= TARGETS["averaging_drop_min"]},
+        "applies": not manifest["quick"],
+    }
+    manifest["build"] = {"timings_s": {k: round(v, 2) for k, v in timings.items()}, "workers": workers,
+                         "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    manifest["size_bytes"] = sum(p.stat().st_size for p in zoo.root.rglob("*") if p.is_file())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def format_table(zoo: Zoo) -> str:
+    """The build's accuracy table as aligned text: one row per model, one column per task."""
+    names = zoo.task_names()
+    labels = {"finetuned": "individual (fine-tuned)", "pretrained": "pretrained (zero-shot)",
+              "averaging": "simple averaging", "task_arithmetic": "Task Arithmetic (λ=0.3)",
+              "ties": "TIES (k=20, λ=1, mean)"}
+    width = max(8, *(len(n) for n in names))
+    head = f"{'model':<26}" + "".join(f"{n:>{width + 1}}" for n in names) + f"{'average':>{width + 1}}"
+    lines = [head, "-" * len(head)]
+    for row in ("finetuned", "pretrained", "averaging", "task_arithmetic", "ties"):
+        if row not in zoo.table:
+            continue
+        entry = zoo.table[row]
+        cells = "".join(f"{entry['per_task'][n]:>{width + 1}.1f}" for n in names)
+        lines.append(f"{labels.get(row, row):<26}{cells}{entry['average']:>{width + 1}.1f}")
+    return "\n".join(lines)

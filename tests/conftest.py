@@ -1,0 +1,13 @@
+"""Shared fixtures. `quick_zoo` builds the small demo zoo once per test session (about half a minute
+on 2 CPU cores) in a temporary folder; page, CLI and method tests all evaluate against it."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def quick_zoo(tmp_path_factory):
+    """A `--quick` demo zoo (4 tasks, small splits), as an `engine.zoo.Zoo` (its folder is `.root`)."""
+    from engine.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("quick_zoo") / "zoo", quick=True)
