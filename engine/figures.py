@@ -295,8 +295,10 @@ def _curve_figure(x: Sequence[float], curve: Mapping[str, Sequence[float]], metr
                         line=dict(dash="dash", color=COLORS["baseline"]),
                         hovertemplate="%{x}: %{y:.1f} %<extra>random signs</extra>")
     if marker_x is not None:
+        xs = [float(v) for v in x] or [float(marker_x)]
+        right_half = float(marker_x) > (min(xs) + max(xs)) / 2  # keep the label inside the plot
         fig.add_vline(x=marker_x, line_dash="dot", line_color=COLORS["threshold"],
-                      annotation_text="current", annotation_position="top right")
+                      annotation_text="current", annotation_position="top left" if right_half else "top right")
     return fig
 
 
@@ -312,9 +314,10 @@ def conflict_vs_k(k_curve: Mapping[str, Sequence[float]], *, current_k: float | 
 def conflict_vs_n_tasks(n_tasks_curve: Mapping[str, Sequence[float]], *, k: float | None = None,
                         current_n: int | None = None) -> go.Figure:
     """Overall conflict rate as more task vectors are merged, against random signs."""
-    fig = _curve_figure(n_tasks_curve["n"], n_tasks_curve, ("rate_all",), current_n)
+    ns = list(n_tasks_curve["n"])
+    fig = _curve_figure(ns, n_tasks_curve, ("rate_all",), current_n)
     where = f" (k = {k:g} %)" if k is not None else ""
-    fig.update_xaxes(dtick=1)
+    fig.update_xaxes(dtick=1, range=[min(ns) - 0.3, max(ns) + 0.3] if ns else None)
     return _finish(fig, f"Conflicts vs number of merged tasks{where}",
                    "number of tasks merged", "conflicting parameters (% of all)",
                    legend="bottom", yaxis_rangemode="tozero", height=480)

@@ -111,8 +111,9 @@ def assert_no_error_text(page) -> None:
 
 
 def shot(page, name: str) -> Path:
-    page.mouse.move(1, 1)  # no hover tooltip in the picture
-    page.wait_for_timeout(200)
+    page.mouse.move(1, 1)  # no hover or focus tooltip in the picture
+    page.evaluate("() => document.activeElement && document.activeElement.blur()")
+    page.wait_for_timeout(300)
     path = ARTIFACTS / f"e2e-{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
