@@ -415,7 +415,9 @@ class ZooSource:
                 raise ConfigError(f"unknown task {unknown[0]!r}; the zoo has {', '.join(names)}")
             names = [t for t in names if t in tasks]  # the canonical order is what orders shuffle
         self.tasks = names
-        self.model_config = dict(zoo.model_config)
+        # zoo.json's "model" entry is {"library", "class", "kwargs", "preprocess", ...}; the protocol
+        # wants the VisionTransformer kwargs themselves.
+        self.model_config = dict(zoo.model_config["kwargs"])
         self._tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._heads: dict[str, torch.Tensor] | None = None
 
@@ -442,30 +444,25 @@ class ZooSource:
         return self._read(self.zoo.expert_path(task))
 
     def test_set(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """engine.evaluate.load_test_set: (preprocessed float [N, 3, H, W], int64 labels [N]), cached on CPU."""
         if task not in self._tests:
             from . import evaluate
 
-            images, labels = evaluate.load_test_set(self.zoo, task)
-            images = torch.as_tensor(images)
-            if images.dtype == torch.uint8 and hasattr(evaluate, "preprocess"):
-                images = evaluate.preprocess(self.zoo, images)
-            self._tests[task] = (images.float(), torch.as_tensor(labels).long())
+            images, labels = evaluate.load_test_set(self.zoo, task, device="cpu")
+            self._tests[task] = (images.float(), labels.long())
         return self._tests[task]
 
     def head(self, task: str) -> Head:
+        """engine.evaluate.zoo_heads rows (unit norm, [classes, D]) at the zoo's logit scale (100)."""
         from . import evaluate
 
         if self._heads is None:
             self._heads = {t: h.float() for t, h in evaluate.zoo_heads(self.zoo).items()}
         weights = torch.nn.functional.normalize(self._heads[task], dim=-1)
-        scale = float(getattr(self.zoo, "logit_scale", 100.0))
+        scale = float(self.zoo.logit_scale)
         return lambda features: scale * torch.nn.functional.normalize(features, dim=-1) @ weights.T
 
     def finetuned_accuracy(self, task: str) -> float | None:
-        accuracies = getattr(self.zoo, "accuracies", None) or {}
-        value = accuracies.get(task) if isinstance(accuracies, Mapping) else None
-        if isinstance(value, Mapping):
-            value = value.get("finetuned", value.get("expert"))
-        if value is None:
-            return None
-        return float(value) * (100.0 if float(value) <= 1.0 else 1.0)
+        """The expert's own accuracy in % from the manifest (None while the zoo is being measured)."""
+        value = self.zoo.finetuned_accuracy(task)
+        return None if value is None else float(value)

@@ -238,3 +238,60 @@ def test_cli_several_orders_give_a_summary(monkeypatch, capsys, source):
 def test_cli_rejects_bad_settings_in_one_line(monkeypatch, capsys, source):
     code, out = _cli(monkeypatch, capsys, source, "--method", "mingle", "--gamma", "-1")
     assert code == 2 and out.err.startswith("error:") and out.err.count("\n") == 1
+
+
+# ---- the real (quick) zoo --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zoo_source(quick_zoo):
+    from engine.continual import ZooSource
+
+    return ZooSource.from_dir(quick_zoo.root)
+
+
+def test_zoo_source_agrees_with_engine_evaluate(quick_zoo, zoo_source):
+    """Heads, test sets, preprocessing and checkpoints read through ZooSource give engine.evaluate's accuracy."""
+    from engine.continual import accuracy_pct
+    from engine.evaluate import evaluate
+
+    assert zoo_source.tasks == quick_zoo.task_names()
+    assert zoo_source.model_config == quick_zoo.model_config["kwargs"]
+    task = quick_zoo.task_names()[0]
+    images, labels = zoo_source.test_set(task)
+    assert images.dtype == torch.float32 and images.shape[1:] == (3, quick_zoo.image_size, quick_zoo.image_size)
+    assert len(labels) == quick_zoo.task(task).n_test
+    theta = zoo_source.theta(task)
+    ours = accuracy_pct(build_encoder(zoo_source.model_config, theta), zoo_source.head(task), images, labels)
+    assert ours == pytest.approx(evaluate(quick_zoo, task, tasks=[task], device="cpu").per_task[task], abs=1e-6)
+    assert zoo_source.finetuned_accuracy(task) == pytest.approx(quick_zoo.task(task).accuracy["finetuned"])
+
+
+def test_baseline_on_the_quick_zoo_over_two_orders(zoo_source):
+    out = run_orders(zoo_source, lambda: make_method("average"), [42, 43], seeds_per_class=2)
+    n = len(zoo_source.tasks)
+    for seed, result in out["orders"].items():
+        assert result["order"] == task_order(zoo_source.tasks, int(seed))
+        assert len(result["acc_matrix"]) == n and result["acc_matrix"][0][1] is None
+        assert result["FWT"] is not None  # the manifest's fine-tuned accuracies are there
+    # Continual averaging ends at the plain average whatever the order (methods.md §2).
+    assert out["summary"]["ACC"]["std"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cli_continual_on_the_quick_zoo(quick_zoo):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "engine", "continual", "--zoo", str(quick_zoo.root), "--method",
+                          "opcm", "--order-seed", "44", "--json"], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    assert payload["order"] == task_order(quick_zoo.task_names(), 44) and payload["method"] == "opcm"
+    assert {"acc_matrix", "ACC", "BWT", "FWT", "timings"} <= set(payload) and payload.get("gates") is None
+    missing = subprocess.run([sys.executable, "-m", "engine", "continual", "--zoo", str(quick_zoo.root / "nope"),
+                              "--method", "average"], capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1

@@ -1,6 +1,7 @@
 """MINGLE's pieces on tiny layers where the answer is known (methods.md §4.3–4.7, checklist §4.9).
 
-Every test here runs in well under a second: tiny matrices and a 2-block, width-16 open_clip ViT.
+Every test but the last two runs in well under a second: tiny matrices and a 2-block, width-16 open_clip
+ViT. The last two run MINGLE end to end on the quick demo zoo (the `quick_zoo` session fixture).
 """
 from __future__ import annotations
 
@@ -296,3 +297,49 @@ def test_gate_activations_average_raw_gate_outputs_over_tokens_and_images():
     row = stats.layers.index("encoder.layers.1.mlp.fc1")
     assert torch.allclose(torch.as_tensor(stats.per_layer[row, :, 0]).float(), expected, atol=1e-5)
     assert stats.std.shape == (2, 2) and (stats.std >= 0).all()
+
+
+# ---- end to end on the real (quick) zoo -------------------------------------------------------------
+
+
+def test_cli_mingle_on_the_quick_zoo(quick_zoo):
+    """`python -m engine continual --zoo DIR --method mingle --json`, a few adaptation steps per task."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.continual import task_order
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "engine", "continual", "--zoo", str(quick_zoo.root), "--method",
+                          "mingle", "--steps", "3", "--rank", "8", "--seeds-per-class", "2", "--json"],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr
+    payload = json.loads(run.stdout)
+    tasks = quick_zoo.task_names()
+    n, blocks = len(tasks), quick_zoo.model_config["kwargs"]["layers"]
+    assert payload["order"] == task_order(tasks, 42) and payload["config"]["rank"] == 8
+    m = payload["acc_matrix"]
+    assert all((m[i][j] is None) == (j > i) for i in range(n) for j in range(n))
+    assert all(0 <= m[i][j] <= 100 for i in range(n) for j in range(i + 1))
+    assert payload["BWT"] is not None and payload["FWT"] is not None
+    assert len(payload["timings"]["merge_s"]) == n and payload["timings"]["merge_total_s"] > 0
+    gates = payload["gates"]
+    assert gates["gate_tasks"] == payload["order"] and gates["eval_tasks"] == payload["order"]
+    assert len(gates["layers"]) == 6 * blocks  # q, k, v, out_proj, fc1, fc2 per block
+    assert len(gates["mean"]) == n and all(len(row) == n for row in gates["mean"]) and len(gates["std"]) == n
+    assert set(gates["per_layer"]) == set(gates["layers"])
+
+
+def test_mingle_static_qkv_fc1_on_the_quick_zoo(quick_zoo):
+    """MINGLE*-static in-process: no adaptation, gates fixed; the first step already differs from θ_0."""
+    from engine.continual import ZooSource, make_method, run_continual
+
+    source = ZooSource.from_dir(quick_zoo.root)
+    config = MingleConfig(rank=8, layers="qkv-fc1", static=True)
+    result = run_continual(source, make_method("mingle", config, source.model_config), source.tasks[:2],
+                           seeds_per_class=1)
+    assert result.config["static"] and len(result.acc_matrix) == 2 and result.acc_matrix[1][1] is not None

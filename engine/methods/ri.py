@@ -341,13 +341,12 @@ def zoo_model(zoo, device: str | torch.device = "cpu") -> HeadedTower:
 
 def zoo_aux_tensor(zoo, config: RIConfig, device: str | torch.device = "cpu") -> torch.Tensor:
     """The fixed, seeded auxiliary stream as the model's input tensor (the zoo's own preprocessing)."""
-    from ..evaluate import load_test_set, preprocess
+    from ..evaluate import preprocess
     from ..zoo.aux_data import aux_images
 
-    size = None
-    if config.aux != "pool":  # draw at the zoo's native image size, as its test images
-        test = load_test_set(zoo, zoo.task_names()[0])
-        size = int((test[0] if isinstance(test, tuple) else test.images).shape[1])
+    # render/noise are drawn at the zoo's input size (`Zoo.image_size`, the manifest's model kwargs),
+    # the size of its test images and of its pool.
+    size = None if config.aux == "pool" else int(zoo.image_size)
     return preprocess(zoo, aux_images(config.aux, config.aux_size, config.seed, zoo=zoo, size=size)).to(device)
 
 
