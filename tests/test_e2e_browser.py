@@ -195,6 +195,20 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     assert_no_error_text(page)
     shot(page, "2-merge-ties")
 
+    # the merged checkpoint downloads as a safetensors file that says how it was made
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name="Download merged checkpoint (.safetensors)").click()
+    merged_path = ARTIFACTS / "e2e-merged.safetensors"
+    download_info.value.save_as(str(merged_path))
+    from safetensors import safe_open
+
+    with safe_open(str(merged_path), "pt") as f:
+        made_by = json.loads(f.metadata()["merge_explorer"])
+        assert len(list(f.keys())) > 0
+    assert made_by["method"] == "ties" and made_by["config"]["k"] == 20.0
+    merged_path.unlink()
+    settle(page)
+
     # λ slider: warm once (thresholds, caches), then time key press -> new bars in the browser
     lam = nudge_slider(page, "λ (scaling)", "ArrowLeft", 1)
     lam += nudge_slider(page, "λ (scaling)", "ArrowLeft", 3)
