@@ -136,6 +136,14 @@ def chart_data(page, index: int = 0) -> str:
         " return g && g.data ? JSON.stringify(g.data.map(t => [t.name, t.y])) : null; }", index)
 
 
+def wait_for_images(page) -> None:
+    """Streamlit fetches st.image media after the run: wait until every image has pixels."""
+    page.wait_for_function(
+        "() => { const imgs = Array.from(document.querySelectorAll('[data-testid=\"stImage\"] img'));"
+        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
+        timeout=STEP_TIMEOUT_MS)
+
+
 def wait_for_charts(page, n: int) -> None:
     """Plotly draws after the script run ends: wait until n charts hold data."""
     page.wait_for_function(
@@ -177,7 +185,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     settle(page)
     page.get_by_text("experts from the demo zoo").wait_for()
     page.get_by_text("classes, one row each").first.wait_for()  # the task cards, drawn last
-    page.locator('[data-testid="stImage"] img').first.wait_for()
+    wait_for_images(page)
     settle(page)
     assert page.get_by_role("heading", name="Models").count() >= 1
     assert_no_error_text(page)
