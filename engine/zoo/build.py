@@ -58,8 +58,7 @@ DEFAULT_SEED = 0
 
 Progress = Callable[[float, str], None]
 
-PRETRAIN_THREADS = 2
-FINETUNE_THREADS = 1
+FINETUNE_THREADS = 1  # per expert; experts train in parallel processes
 MODEL_KWARGS = dict(image_size=task_defs.IMAGE_SIZE, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=4.0,
                     output_dim=64)
 LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) (methods.md §6.4)
@@ -80,8 +79,10 @@ class Recipe:
     finetune_batch: int
     finetune_lr: float
     finetune_weight_decay: float
+    pretrain_threads: int = 2  # fixed per recipe: thread count can change floating-point results
     prototype_variants: int = task_defs.PROTOTYPE_VARIANTS
     examples_per_class: int = 8
+    processes: bool = True  # pretrain and fine-tune in child processes (passive OpenMP waiting)
 
 
 FULL_RECIPE = Recipe(
@@ -93,7 +94,8 @@ FULL_RECIPE = Recipe(
 QUICK_RECIPE = Recipe(
     tasks=("digits", "colors", "arrows", "landuse"), n_train=800, n_test=200, pool_size=1500, pool_stored=256,
     pretrain_steps=120, pretrain_batch=64, pretrain_lr=2e-3, pretrain_weight_decay=0.05,
-    finetune_steps=80, finetune_batch=64, finetune_lr=2e-3, finetune_weight_decay=0.0, examples_per_class=4,
+    finetune_steps=80, finetune_batch=64, finetune_lr=2e-3, finetune_weight_decay=0.0, pretrain_threads=1,
+    examples_per_class=4, processes=False,
 )
 
 # Point 5 of the zoo issue: the papers' qualitative setting (methods.md §7: individual 90.3,
@@ -332,6 +334,78 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
     return {"task": task, "render_s": render_s, "seconds": time.perf_counter() - start, "final_loss": loss}
 
 
+def _pretrain_stage(root: Path, recipe: Recipe, seed: int, progress: Progress) -> dict[str, float]:
+    """Render the pool, pretrain theta_0, build the heads; writes pool, pretrained and heads files."""
+    timings = {}
+    with _torch_settings(recipe.pretrain_threads):
+        progress(0.0, f"rendering the pretraining pool ({recipe.pool_size} images)")
+        start = time.perf_counter()
+        pool, concepts = task_defs.render_pool(recipe.pool_size, seed)
+        _save_arrays(root / "data/pool.safetensors", {"images": pool[:recipe.pool_stored]},
+                     {"content": "unlabeled pretraining-pool images (uint8 NHWC)"})
+        timings["pool_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        model = pretrain(pool, concepts, recipe, seed, lambda f, m: progress(0.02 + 0.98 * f, m))
+        _save_model(root / "pretrained.safetensors", model,
+                    {"role": "pretrained", "recipe_version": RECIPE_VERSION, "seed": seed})
+        heads = {t: prototype_head(model, t, recipe.prototype_variants) for t in recipe.tasks}
+        _save_arrays(root / "heads.safetensors", {t: h.numpy() for t, h in heads.items()},
+                     {"content": "frozen zero-shot heads, unit rows; logits = 100 * <normalize(f(x)), row>"})
+        timings["pretrain_s"] = time.perf_counter() - start
+    return timings
+
+
+def _pretrain_child(root: str, recipe: dict[str, Any], seed: int, queue) -> None:
+    try:
+        recipe_ = Recipe(**{**recipe, "tasks": tuple(recipe["tasks"])})
+        timings = _pretrain_stage(Path(root), recipe_, seed, lambda f, m: queue.put(("progress", f, m)))
+        queue.put(("done", timings))
+    except BaseException as exc:  # report, then die: the parent raises
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@contextmanager
+def _passive_openmp():
+    """Children started inside get passive OpenMP waiting: spinning threads of two processes sharing
+    a small CPU (or of a busy machine) otherwise slow each other down many times over."""
+    old = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
+def _pretrain_in_child(root: Path, recipe: Recipe, seed: int, progress: Progress) -> dict[str, float]:
+    import queue as queue_module
+
+    ctx = multiprocessing.get_context("spawn")
+    messages = ctx.Queue()
+    with _passive_openmp():
+        child = ctx.Process(target=_pretrain_child, args=(str(root), dataclasses.asdict(recipe), seed, messages),
+                            name="zoo-pretrain", daemon=True)
+        child.start()
+    try:
+        while True:
+            try:
+                message = messages.get(timeout=1.0)
+            except queue_module.Empty:
+                if not child.is_alive():
+                    raise MergeExplorerError(f"zoo build: the pretraining process died (exit code {child.exitcode})")
+                continue
+            if message[0] == "progress":
+                progress(message[1], message[2])
+            elif message[0] == "done":
+                return message[1]
+            else:
+                raise MergeExplorerError(f"zoo build: pretraining failed: {message[1]}")
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.terminate()
+
+
 def _load_open_clip(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -375,7 +449,7 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
         return load_zoo(root)
     recipe = _recipe_for(quick)
     if workers is None:
-        workers = 1 if quick else min(2, os.cpu_count() or 1)
+        workers = min(2, os.cpu_count() or 1) if recipe.processes else 1
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -385,27 +459,11 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     for stale in ("experts", "data", "examples"):
         shutil.rmtree(root / stale, ignore_errors=True)
 
-    timings: dict[str, float] = {}
     start_all = time.perf_counter()
-    with _torch_settings(PRETRAIN_THREADS):
-        # 1. The generic pool and CLIP-style pretraining.
-        report(0.0, f"rendering the pretraining pool ({recipe.pool_size} images)")
-        start = time.perf_counter()
-        pool, concepts = task_defs.render_pool(recipe.pool_size, seed)
-        _save_arrays(root / "data/pool.safetensors", {"images": pool[:recipe.pool_stored]},
-                     {"content": "unlabeled pretraining-pool images (uint8 NHWC)"})
-        timings["pool_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        model = pretrain(pool, concepts, recipe, seed, lambda f, m: report(0.02 + 0.38 * f, m))
-        _save_model(root / "pretrained.safetensors", model,
-                    {"role": "pretrained", "recipe_version": RECIPE_VERSION, "seed": seed})
-        timings["pretrain_s"] = time.perf_counter() - start
-
-        # 2. Zero-shot heads from canonical renders.
-        heads = {t: prototype_head(model, t, recipe.prototype_variants) for t in recipe.tasks}
-        _save_arrays(root / "heads.safetensors", {t: h.numpy() for t, h in heads.items()},
-                     {"content": "frozen zero-shot heads, unit rows; logits = 100 * <normalize(f(x)), row>"})
-        del model
+    # 1-2. The generic pool, CLIP-style pretraining, zero-shot heads from canonical renders.
+    stage = _pretrain_in_child if recipe.processes else _pretrain_stage
+    timings = stage(root, recipe, seed, lambda f, m: report(0.4 * f, m))
+    heads = {t: h.numpy() for t, h in _load_open_clip(root / "heads.safetensors").items()}
 
     # 3. One expert per task (parallel workers; each single-threaded and deterministic).
     start = time.perf_counter()
@@ -413,12 +471,13 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     for i, task in enumerate(recipe.tasks):
         jobs.append({"task": task, "task_index": [t.name for t in task_defs.TASKS].index(task), "seed": seed,
                      "root": str(root), "recipe": dataclasses.asdict(recipe), "pretrained_file": "pretrained.safetensors",
-                     "head": heads[task].numpy(), "expert_file": f"experts/{task}.safetensors",
+                     "head": heads[task], "expert_file": f"experts/{task}.safetensors",
                      "test_file": f"data/{task}.test.safetensors", "examples_file": f"examples/{task}.png"})
     results: dict[str, dict[str, Any]] = {}
     report(0.4, f"fine-tuning {len(jobs)} experts ({workers} worker{'s' if workers > 1 else ''})")
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool_exec:
+        with _passive_openmp(), ProcessPoolExecutor(max_workers=workers,
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool_exec:
             futures = [pool_exec.submit(_expert_job, job) for job in jobs]
             for future in as_completed(futures):
                 result = future.result()
@@ -476,7 +535,7 @@ def _manifest(root: Path, recipe: Recipe, seed: int, quick: bool, results: dict[
         "heads": {"file": files["heads"], "kind": "zero-shot prototypes: normalised mean of the pretrained tower's "
                   "normalised embeddings of canonical class renders", "variants_per_class": recipe.prototype_variants},
         "recipe": {**dataclasses.asdict(recipe), "tasks": list(recipe.tasks), "targets": TARGETS,
-                   "pretrain_threads": PRETRAIN_THREADS, "finetune_threads": FINETUNE_THREADS},
+                   "finetune_threads": FINETUNE_THREADS},
         "tasks": tasks,
         "experts": {t: {"final_train_loss": r["final_loss"], "seconds": r["seconds"]} for t, r in results.items()},
         "content_sha256": {path: _sha256(root / path) for path in hashed},
