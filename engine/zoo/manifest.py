@@ -160,8 +160,8 @@ def load_pretraining_pool(zoo: Zoo | str | Path) -> np.ndarray:
 
 
 def _missing(root: Path) -> MergeExplorerError:
-    return MergeExplorerError(f"no demo zoo at {root}: run `python -m engine zoo build`"
-                              + (f" --dir {root}" if root != DEFAULT_ZOO_DIR else ""))
+    command = "python -m engine zoo build" + (f" --dir {root}" if root != default_zoo_dir() else "")
+    return MergeExplorerError(f"no demo zoo at {root}: run `{command}`")
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

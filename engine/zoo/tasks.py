@@ -6,16 +6,19 @@ drawn at 64x64 and box-filtered to 32x32 (`IMAGE_SIZE`) so edges are anti-aliase
 
 Each task mirrors one of the paper benchmarks (methods.md §4.11, TA8) in miniature:
 
-| task     | classes | stands in for  | what makes it hard at 32 px                   |
-|----------|---------|----------------|-----------------------------------------------|
-| digits   | 10      | MNIST / SVHN   | handwriting, colours, clutter                 |
-| letters  | 10      | EMNIST         | two typefaces, bold/italic/condensed styles   |
-| shapes   | 8       | GTSRB          | rotation, size, background                    |
-| colors   | 8       | (colour naming)| shading, neighbouring hues                    |
-| textures | 8       | DTD            | random tint: only the pattern tells the class |
-| counting | 6       | CLEVR-count    | positions, sizes                              |
-| arrows   | 8       | (orientation)  | angle jitter, arrow style                     |
-| landuse  | 8       | EuroSAT/RESISC | procedural aerial scenes                      |
+| task     | classes | stands in for   | what varies                                         |
+|----------|---------|-----------------|-----------------------------------------------------|
+| digits   | 10      | MNIST / SVHN    | writer (held out), colours, size, tilt, background  |
+| letters  | 10      | EMNIST          | two typefaces; bold, italic, condensed; clutter     |
+| shapes   | 8       | GTSRB           | size, rotation, colours, background                 |
+| colors   | 8       | (colour naming) | blob shape, saturation, brightness, shading         |
+| textures | 8       | DTD             | zoom, random tint: only the pattern tells the class |
+| counting | 6       | CLEVR-count     | positions, sizes, dots or squares, colours          |
+| arrows   | 8       | (orientation)   | angle jitter, arrow proportions, colours            |
+| landuse  | 8       | EuroSAT/RESISC  | procedural aerial scenes, sensor gain and offset    |
+
+Subjects are centred (within a few pixels), as in MNIST or GTSRB: with 8x8 patches on a 32x32
+image a tiny ViT learns translation invariance only from far more data than a CPU build can use.
 
 Splits are held out for real, not just re-drawn: digits split the 1,797 scanned digits into
 disjoint source sets, textures crop train patches from the left 3/4 of each photograph and test
@@ -659,9 +662,9 @@ def _prototype_landuse(label: int, variant: int) -> np.ndarray:
 TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("digits", "Handwritten digits (scikit-learn scans), recoloured on varied backgrounds",
              tuple(str(d) for d in range(10)), _render_digit, _prototype_digit),
-    TaskSpec("letters", "Capital letters in two typefaces and several styles, with clutter strokes",
+    TaskSpec("letters", "Capital letters in two typefaces and several styles, some with a clutter stroke",
              _LETTERS, _render_letter, _prototype_letter),
-    TaskSpec("shapes", "Geometric shapes at any size, position and rotation",
+    TaskSpec("shapes", "Geometric shapes (circle, star, heart, ...) at any size and rotation",
              _SHAPES, _render_shape, _prototype_shape),
     TaskSpec("colors", "Name the colour of a shaded blob on a grey background",
              _COLORS, _render_color, _prototype_color),
