@@ -53,7 +53,7 @@ from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, Zoo, ZooTask, defa
 
 # Bump whenever anything that changes the zoo's contents changes (renderers, recipe, code paths):
 # `zoo build` rebuilds a zoo whose manifest records another version.
-RECIPE_VERSION = "2026.11.22-1"
+RECIPE_VERSION = "2026.11.22-2"
 DEFAULT_SEED = 0
 
 Progress = Callable[[float, str], None]
