@@ -104,6 +104,7 @@ def test_cli_conflicts_json(files):
     assert payload["overall"]["rate_all"] == pytest.approx(expected["rate_all"], abs=1e-12)
     assert payload["overall"]["rate_nonzero2"] == pytest.approx(expected["rate_nonzero2"], abs=1e-12)
     assert payload["overall"]["random_baseline"] == pytest.approx(ref.random_sign_baseline(3, 20))
+    assert len(payload["k_curve"]["random_baseline_nonzero2"]) == len(payload["k_curve"]["k"])
     k_index = payload["k_curve"]["k"].index(20.0)
     assert payload["k_curve"]["rate_all"][k_index] == pytest.approx(payload["overall"]["rate_all"])
 

@@ -238,6 +238,7 @@ def sign_conflicts(stack, k: float = 20.0, trim: str = "global", k_grid: Sequenc
         "rate_all": (conflict_cum / stack.numel).tolist(),
         "rate_nonzero2": np.divide(conflict_cum, nz2_cum, out=np.zeros(len(grid)), where=nz2_cum > 0).tolist(),
         "random_baseline": [random_sign_baseline(n_tasks, g)["rate_all"] for g in grid],
+        "random_baseline_nonzero2": [random_sign_baseline(n_tasks, g)["rate_nonzero2"] for g in grid],
     }
     n_cum = np.cumsum(n_hist.sum(0)[1:])  # entry i: conflicts among the first i+1 tasks
     ns = list(range(2, n_tasks + 1))
