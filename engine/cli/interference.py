@@ -6,10 +6,10 @@ import time
 
 from ..device import resolve_device
 from ..errors import ConfigError
-from ..methods import METHODS, config_dict, get_method
+from ..methods import config_dict
 from ..task_vectors import TaskVectorStack
 from .common import print_json
-from .merge import _HYPERPARAMETER_FLAGS, _DEFAULTS
+from .method_args import add_method_arguments, method_and_config
 from .sources_args import add_source_arguments, source_from_args
 
 
@@ -20,15 +20,8 @@ def register(subparsers) -> None:
                     "KL(expert t || merged) of the softmax outputs under task t's head on task t's test images "
                     "(nats per image), per task and summed over tasks (methods.md §5.1). For an RI-adapted zoo "
                     "the reference experts are the original (un-adapted) ones unless --reference own.")
-    parser.add_argument("--method", required=True, choices=list(METHODS), help="merge method")
+    add_method_arguments(parser)
     add_source_arguments(parser)
-    hyper = parser.add_argument_group("hyperparameters (defaults are each method's own)")
-    for name, field in _HYPERPARAMETER_FLAGS.items():
-        meta = field.metadata
-        kind = type(field.default)
-        hyper.add_argument(meta.get("flag") or f"--{name.replace('_', '-')}", dest=name, default=None,
-                           type=kind if kind in (int, float) else str, choices=meta.get("choices"),
-                           help=f"{meta['help']} (default: {', '.join(_DEFAULTS[name])})".replace("%", "%%"))
     parser.add_argument("--reference", choices=("auto", "own", "original"), default="auto",
                         help="experts ξ is measured against: the zoo's own, or (for an RI-adapted zoo) the "
                              "original experts it was adapted from; auto = original when recorded and present")
@@ -42,9 +35,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..analysis.interference import measure_interference, reference_zoo
 
-    method = get_method(args.method)
-    given = {name: getattr(args, name) for name in _HYPERPARAMETER_FLAGS if getattr(args, name) is not None}
-    config = method.config(**given)
+    method, config = method_and_config(args)
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"--max-samples must be at least 1, got {args.max_samples}")
     source = source_from_args(args)

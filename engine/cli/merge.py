@@ -2,38 +2,23 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 from ..device import resolve_device, resolve_dtype
 from ..errors import ConfigError
-from ..methods import METHODS, config_dict, get_method
+from ..methods import config_dict
 from ..task_vectors import TaskVectorStack
 from .common import add_device_arguments, print_json
+from .method_args import add_method_arguments, method_and_config
 from .sources_args import add_source_arguments, source_from_args
-
-# Every hyperparameter flag any method declares; a flag the chosen method lacks is an error.
-_HYPERPARAMETER_FLAGS: dict[str, dataclasses.Field] = {}
-_DEFAULTS: dict[str, list[str]] = {}
-for _method in METHODS.values():
-    for _field in dataclasses.fields(_method.Config):
-        _HYPERPARAMETER_FLAGS.setdefault(_field.name, _field)
-        _DEFAULTS.setdefault(_field.name, []).append(f"{_method.name} {_field.default}")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "merge", help="merge fine-tuned checkpoints (averaging, Task Arithmetic, TIES)",
         description="Merge fine-tuned checkpoints into one model: theta = theta_0 + merged task vector.")
-    parser.add_argument("--method", required=True, choices=list(METHODS), help="merge method")
+    add_method_arguments(parser)
     add_source_arguments(parser)
-    hyper = parser.add_argument_group("hyperparameters (defaults are each method's own)")
-    for name, field in _HYPERPARAMETER_FLAGS.items():
-        meta = field.metadata
-        kind = type(field.default)
-        hyper.add_argument(meta.get("flag") or f"--{name.replace('_', '-')}", dest=name, default=None,
-                           type=kind if kind in (int, float) else str, choices=meta.get("choices"),
-                           help=f"{meta['help']} (default: {', '.join(_DEFAULTS[name])})".replace("%", "%%"))
     parser.add_argument("--include", nargs="+", metavar="GLOB", help="merge only tensors whose canonical name matches")
     parser.add_argument("--exclude", nargs="+", metavar="GLOB", help="leave tensors whose name matches at theta_0")
     parser.add_argument("--out", metavar="FILE.safetensors", help="write the merged checkpoint here (atomically)")
@@ -44,9 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    method = get_method(args.method)
-    given = {name: getattr(args, name) for name in _HYPERPARAMETER_FLAGS if getattr(args, name) is not None}
-    config = method.config(**given)  # validates before any file is read
+    method, config = method_and_config(args)  # validates before any file is read
     if args.out and not args.out.endswith(".safetensors"):
         raise ConfigError(f"--out {args.out}: merged checkpoints are written as .safetensors")
     source = source_from_args(args)
