@@ -243,7 +243,7 @@ def ties_merge_cpu(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch
     _ties_merge_kernel(*args, np.float32(first_tie_sign), disjoint == "mean", np.float32(scale), out.numpy(),
                        sign_sum, ties)
     if tie_rule == "global_majority" and ties.sum() > 0:
-        majority = float(np.sign(sign_sum.sum()))
+        majority = float(np.sign(sign_sum.sum(dtype=np.float64)))  # exact: per-item sums are small integers
         if majority != 0.0:  # an all-tie model stays at zero, as sgn(0) = 0 in the official code
             _ties_merge_kernel(*args, np.float32(majority), disjoint == "mean", np.float32(scale), out.numpy(),
                                sign_sum, ties)
