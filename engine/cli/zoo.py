@@ -76,15 +76,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         fresh = args.force or not up_to_date(root, args.quick, args.seed)
         start = time.perf_counter()
-        last = [-1]
 
         def progress(fraction: float, message: str) -> None:
-            pct = int(100 * fraction)
-            print(f"[{pct:3d}%] {time.perf_counter() - start:6.1f} s  {message}", file=sys.stderr, flush=True)
-            last[0] = pct
+            print(f"[{int(100 * fraction):3d}%] {time.perf_counter() - start:6.1f} s  {message}", file=sys.stderr,
+                  flush=True)
 
-        zoo = build_zoo(root, quick=args.quick, progress=progress, force=args.force, seed=args.seed,
-                        workers=args.workers)
+        zoo = build_zoo(root, quick=args.quick, progress=progress if fresh else None, force=args.force,
+                        seed=args.seed, workers=args.workers)
         if not fresh and not args.json:
             print(f"the zoo at {zoo.root} is up to date (recipe {zoo.recipe_version}); --force rebuilds it")
             return 0
