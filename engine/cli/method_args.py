@@ -17,15 +17,21 @@ for _method in METHODS.values():
         _DEFAULTS.setdefault(_field.name, []).append(f"{_method.name} {_field.default}")
 
 
+def add_field_argument(group, field: dataclasses.Field, *, default, default_text: str) -> None:
+    """One flag from a Config field declared with engine.methods.base.param (flag, help, choices)."""
+    meta = field.metadata
+    kind = type(field.default)
+    group.add_argument(meta.get("flag") or f"--{field.name.replace('_', '-')}", dest=field.name, default=default,
+                       type=kind if kind in (int, float) else str, choices=meta.get("choices"),
+                       help=f"{meta['help']} (default: {default_text})".replace("%", "%%"))
+
+
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS), help="merge method")
     hyper = parser.add_argument_group("hyperparameters (defaults are each method's own)")
     for name, field in _FIELDS.items():
-        meta = field.metadata
-        kind = type(field.default)
-        hyper.add_argument(meta.get("flag") or f"--{name.replace('_', '-')}", dest=name, default=None,
-                           type=kind if kind in (int, float) else str, choices=meta.get("choices"),
-                           help=f"{meta['help']} (default: {', '.join(_DEFAULTS[name])})".replace("%", "%%"))
+        # default None: only the flags the user gives reach the method, so a foreign one is an error
+        add_field_argument(hyper, field, default=None, default_text=", ".join(_DEFAULTS[name]))
 
 
 def method_and_config(args: argparse.Namespace):

@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from ..methods.base import validate_config
 from ..methods.ri import RIConfig
 from .common import print_json
+from .method_args import add_field_argument
 
 
 def register(subparsers) -> None:
@@ -21,12 +22,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="folder for the adapted zoo (new or empty)")
     group = parser.add_argument_group("RI settings (demo defaults; each help names the paper value where one is known)")
     for field in dataclasses.fields(RIConfig):
-        meta = field.metadata
-        kind = type(field.default)
-        group.add_argument(meta.get("flag") or f"--{field.name.replace('_', '-')}", dest=field.name,
-                           default=field.default, type=kind if kind in (int, float) else str,
-                           choices=meta.get("choices"),
-                           help=f"{meta['help']} (default: {field.default})".replace("%", "%%"))
+        add_field_argument(group, field, default=field.default, default_text=str(field.default))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing adapted zoo at --out")
     parser.add_argument("--no-xi", dest="xi", action="store_false",
                         help="skip measuring ξ of the Task Arithmetic merge before and after")
