@@ -21,7 +21,7 @@ Accuracies here are in percent (as the paper's tables).
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import random
 import time
 import zlib
@@ -34,6 +34,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .methods.base import param, validate_config
+from .methods.mingle import MingleConfig
 
 StateDict = dict[str, torch.Tensor]
 Head = Callable[[torch.Tensor], torch.Tensor]  # image features (N, D) -> logits (N, C)
@@ -250,11 +251,11 @@ class MingleContinual:
     """Adapter: engine.methods.mingle.Mingle behind the continual interface."""
 
     name = "mingle"
+    Config = MingleConfig
 
     def __init__(self, config=None, model_config: Mapping | None = None) -> None:
-        from .methods.mingle import Mingle, MingleConfig
+        from .methods.mingle import Mingle
 
-        self.Config = MingleConfig
         self.config = config or MingleConfig()
         if model_config is None:
             raise ConfigError("MINGLE needs the zoo's model_config (open_clip VisionTransformer kwargs)")
@@ -267,13 +268,36 @@ class MingleContinual:
         return self.mingle.step(task, theta_t, seed_images, head)
 
 
-def make_method(name: str, config: Any = None, model_config: Mapping | None = None):
+# Display names, as the MINGLE paper's tables call the baselines.
+CONTINUAL_LABELS = {"mingle": "MINGLE", "average": "C-Averaging", "task-arithmetic": "C-Task Arithmetic",
+                    "ties": "C-TIES", "magmax": "MagMax-IND", "opcm": "OPCM"}
+
+
+def _method_class(name: str) -> type:
     methods = continual_methods()
     if name not in methods:
         raise ConfigError(f"unknown continual method {name!r}: use one of {', '.join(methods)}")
+    return methods[name]
+
+
+def method_config(name: str, values: Mapping[str, Any] | None = None) -> Any:
+    """The validated Config of continual method `name` from a dict of field values (others default)."""
+    config_cls = _method_class(name).Config
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(values or {}) - fields)
+    if unknown:
+        raise ConfigError(f"{CONTINUAL_LABELS.get(name, name)} has no setting {unknown[0]!r}"
+                          + (f"; it has {', '.join(sorted(fields))}" if fields else ""))
+    config = config_cls(**dict(values or {}))
+    validate_config(config)
+    return config
+
+
+def make_method(name: str, config: Any = None, model_config: Mapping | None = None):
+    cls = _method_class(name)
     if name == "mingle":
         return MingleContinual(config, model_config)
-    return methods[name](config)
+    return cls(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +367,8 @@ def run_continual(source: ContinualSource, method, order: Sequence[str], *, seed
     heads = {task: source.head(task) for task in order}
     merged = None
     for i, task in enumerate(order):
+        if progress is not None:
+            progress(i / n, f"step {i + 1}/{n}: merging {task}")
         images, labels = test_sets[task]
         seed_idx = select_seed_indices(labels, seeds_per_class, _task_seed(seed, task))
         clock = time.perf_counter()
@@ -355,7 +381,7 @@ def run_continual(source: ContinualSource, method, order: Sequence[str], *, seed
             matrix[i][j] = accuracy_pct(encoder, heads[order[j]], imgs, labs, eval_batch_size)
         timings["eval_s"].append(time.perf_counter() - clock)
         if progress is not None:
-            progress((i + 1) / n, f"merged {task}")
+            progress((i + 1) / n, f"step {i + 1}/{n}: merged {task} and tested {i + 1} task(s)")
     finetuned = [source.finetuned_accuracy(t) for t in order]
     acc, bwt, fwt = acc_bwt_fwt(matrix, finetuned)
     gates = None

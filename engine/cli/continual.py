@@ -55,37 +55,33 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def _method_factory(args, model_config):
-    from ..continual import (ContinualTaskArithmetic, ContinualTies, MingleContinual)
-    from ..methods.magmax import ContinualMagMax
-    from ..methods.mingle import MingleConfig
-    from ..methods.opcm import ContinualOPCM
+# MINGLE Tab. 11's λ per baseline when --lam is not given.
+DEFAULT_LAMBDAS = {"task-arithmetic": 0.3, "ties": 0.3, "magmax": 0.5}
 
+
+def _method_values(args) -> dict:
+    """The chosen method's Config fields from the flags (engine.continual.method_config validates them)."""
     if args.method == "mingle":
-        config = MingleConfig(rank=args.rank, gamma=args.gamma, beta=args.beta, subspace_k=args.subspace_k,
-                              steps=args.steps, seeds_per_class=args.seeds_per_class, batch_size=args.batch_size,
-                              lr=args.lr, layers=args.layers, projection=not args.no_projection, static=args.static,
-                              static_coef=args.static_coef, batch_reduce=not args.per_image_gates,
-                              eval_batch_size=args.eval_batch_size, seed=args.seed)
-        from .. methods.base import validate_config
-
-        validate_config(config)
-        return lambda: MingleContinual(config, model_config)
-    if args.method == "average":
-        from ..continual import ContinualAverage
-
-        return ContinualAverage
-    if args.method == "task-arithmetic":
-        config = ContinualTaskArithmetic.Config(lam=0.3 if args.lam is None else args.lam)
-        return lambda: ContinualTaskArithmetic(config)
+        return dict(rank=args.rank, gamma=args.gamma, beta=args.beta, subspace_k=args.subspace_k, steps=args.steps,
+                    seeds_per_class=args.seeds_per_class, batch_size=args.batch_size, lr=args.lr,
+                    layers=args.layers, projection=not args.no_projection, static=args.static,
+                    static_coef=args.static_coef, batch_reduce=not args.per_image_gates,
+                    eval_batch_size=args.eval_batch_size, seed=args.seed)
+    values: dict = {}
+    if args.method in DEFAULT_LAMBDAS:
+        values["lam"] = DEFAULT_LAMBDAS[args.method] if args.lam is None else args.lam
     if args.method == "ties":
-        config = ContinualTies.Config(k=args.k, lam=0.3 if args.lam is None else args.lam)
-        return lambda: ContinualTies(config)
-    if args.method == "magmax":
-        config = ContinualMagMax.Config(lam=0.5 if args.lam is None else args.lam)
-        return lambda: ContinualMagMax(config)
-    config = ContinualOPCM.Config(alpha=args.alpha)
-    return lambda: ContinualOPCM(config)
+        values["k"] = args.k
+    if args.method == "opcm":
+        values["alpha"] = args.alpha
+    return values
+
+
+def _method_factory(args, model_config):
+    from ..continual import make_method, method_config
+
+    config = method_config(args.method, _method_values(args))  # fails before any work
+    return lambda: make_method(args.method, config, model_config)
 
 
 def run(args: argparse.Namespace) -> int:
