@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -524,3 +525,67 @@ def ri_record(zoo) -> dict[str, Any] | None:
         return json.loads(path.read_text()).get(RI_MANIFEST_KEY)
     except ValueError:
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# A cache of adapted zoos (the app's "RI-adapted experts" switch)
+# --------------------------------------------------------------------------------------------
+
+def adapted_zoo_dir(zoo, config: RIConfig | None = None) -> "Path":
+    """Where the RI-adapted copy of `zoo` for `config` is kept: a sibling folder `<zoo>-ri-<hash>`.
+
+    The hash covers the RI config and the source zoo's content hashes (zoo.json `content_sha256`),
+    so a rebuilt zoo or other RI settings get their own folder and a stale copy is never reused.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    config = config or RIConfig()
+    identity = {"config": dataclasses.asdict(config),
+                "zoo": (getattr(zoo, "manifest", None) or {}).get("content_sha256") or str(zoo.root)}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    root = Path(zoo.root)
+    return root.parent / f"{root.name}-ri-{digest}"
+
+
+def cached_adapted_zoo(zoo, config: RIConfig | None = None):
+    """The adapted zoo for `config` when it has been built (its manifest carries the RI record), else None."""
+    from ..zoo.manifest import load_zoo
+
+    out = adapted_zoo_dir(zoo, config)
+    if not _manifest_path(out).is_file():
+        return None
+    adapted = load_zoo(out)
+    return adapted if ri_record(adapted) is not None else None  # no record: a run stopped half-way
+
+
+def ensure_adapted_zoo(zoo, config: RIConfig | None = None, *, device: str | torch.device = "cpu",
+                       progress: Progress | None = None):
+    """The RI-adapted zoo for `config`, adapting the experts first when no finished copy exists.
+
+    The run writes into a temporary sibling folder that is renamed into place only at the end, so an
+    interrupted or failed run leaves no half-written zoo behind (and an earlier copy stays intact).
+    ξ is not measured here (callers measure what they show).
+    """
+    import shutil
+    import tempfile
+
+    config = config or RIConfig()
+    validate_config(config)
+    found = cached_adapted_zoo(zoo, config)
+    if found is not None:
+        return found
+    out = adapted_zoo_dir(zoo, config)
+    tmp = tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent)
+    try:
+        adapt_zoo(zoo, tmp, config, device=device, overwrite=True, measure_xi=False, measure_accuracy=True,
+                  progress=progress)
+        if out.exists():  # a leftover without a record (checked above): replace it
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    from ..zoo.manifest import load_zoo
+
+    return load_zoo(out)
