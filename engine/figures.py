@@ -388,8 +388,13 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
     """
     fig = go.Figure()
     params = set()
+    results = [r if isinstance(r, Mapping) else r.to_json() for r in results]
+    # RI comparison: results with extra["ri"] True are merges of RI-adapted experts; their originals
+    # are then drawn dotted in the same colour.
+    has_ri = any((r.get("extra") or {}).get("ri") for r in results)
     for i, r in enumerate(results):
-        r = r if isinstance(r, Mapping) else r.to_json()
+        ri = bool((r.get("extra") or {}).get("ri"))
+        label = r.get("label", r["method"]) + (" + RI" if ri else " (original experts)" if has_ri else "")
         params.add(r["param"])
         if metric == "average":
             y = _pct(r["normalized_average"]) if normalized else list(r["average"])
@@ -398,12 +403,13 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
             if normalized:
                 ref = (individual or {}).get(metric)
                 y = [None if (v is None or not ref) else 100.0 * v / ref for v in y]
+        varies = r.get("varies", True)
         fig.add_scatter(
-            name=r.get("label", r["method"]) + ("" if r.get("varies", True) else
-                                                 f" (has no {PARAM_SYMBOLS.get(r['param'], r['param'])})"),
-            x=list(r["values"]), y=y, mode="lines+markers" if r.get("varies", True) else "lines",
-            line=dict(color=_method_color(r["method"], i), dash="solid" if r.get("varies", True) else "dash"),
-            hovertemplate="%{x:g}: %{y:.1f} %<extra>" + r.get("label", r["method"]) + "</extra>",
+            name=label + ("" if varies else f" (has no {PARAM_SYMBOLS.get(r['param'], r['param'])})"),
+            x=list(r["values"]), y=y, mode="lines+markers" if varies else "lines",
+            line=dict(color=_method_color(r["method"], i),
+                      dash="dash" if not varies else "dot" if has_ri and not ri else "solid"),
+            hovertemplate="%{x:g}: %{y:.1f} %<extra>" + label + "</extra>",
         )
     if normalized:
         fig.add_hline(y=100.0, line_dash="dot", line_color=COLORS["individual"],
@@ -433,3 +439,164 @@ def sweep_per_task_lines(result: Any, *, normalized: bool = False,
                    PARAM_AXIS.get(r["param"], r["param"]),
                    "accuracy (% of expert)" if normalized else "top-1 accuracy (%)",
                    legend="bottom", yaxis_rangemode="tozero")
+
+
+# --------------------------------------------------------------------------- continual merging
+#
+# Continual results are engine.continual.ContinualResult.to_json() dicts: `order` (merge order),
+# `acc_matrix[i][j]` = accuracy (%) on the j-th merged task after step i (None before it is seen),
+# ACC/BWT/FWT, and for MINGLE `gates` (engine.analysis.gates.GateStats.to_json()).
+
+def seen_average(acc_matrix: Sequence[Sequence[float | None]]) -> list[float]:
+    """Average accuracy over the tasks seen so far after each step (row i: tasks 0..i)."""
+    return [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(acc_matrix)]
+
+
+def continual_seen_average_lines(results: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Average accuracy over the tasks seen so far vs step, one line per continual method."""
+    fig = go.Figure()
+    steps: list[int] = []
+    for i, r in enumerate(results):
+        y = seen_average(r["acc_matrix"])
+        steps = list(range(1, len(y) + 1))
+        label = r.get("label", r["method"])
+        fig.add_scatter(name=f"{label} (ACC {r['ACC']:.1f} %)", x=steps, y=y, mode="lines+markers",
+                        line=dict(color=_CYCLE[i % len(_CYCLE)]), customdata=list(r["order"]),
+                        hovertemplate="after step %{x} (+ %{customdata}): %{y:.1f} %<extra>" + label + "</extra>")
+    order = list(results[0]["order"]) if results else []
+    fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=[f"{s}<br>+{t}" for s, t in zip(steps, order)])
+    return _finish(fig, "Average accuracy over the tasks seen so far, after each merge step",
+                   "step (task merged at that step)", "average top-1 accuracy over seen tasks (%)",
+                   legend="bottom", yaxis_rangemode="tozero", height=460)
+
+
+def accuracy_matrix_heatmap(result: Mapping[str, Any]) -> go.Figure:
+    """Step × task accuracy matrix (%): row i is the model after merging the i-th task; blanks are unseen."""
+    order = list(result["order"])
+    z = [[None if v is None else float(v) for v in row] for row in result["acc_matrix"]]
+    rows = [f"{i + 1}: +{t}" for i, t in enumerate(order)]
+    text = [["" if v is None else f"{v:.0f}" for v in row] for row in z]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=order, y=rows, colorscale="Viridis", zmin=0, zmax=100, text=text, texttemplate="%{text}",
+        colorbar=dict(title=dict(text="accuracy (%)")),
+        hovertemplate="after step %{y}<br>tested on %{x}: %{z:.1f} %<extra></extra>",
+    ))
+    label = result.get("label", result["method"])
+    bwt = result.get("BWT")
+    title = f"Accuracy matrix, {label}: ACC {result['ACC']:.1f} %" + \
+        ("" if bwt is None else f", BWT {bwt:+.1f} points")
+    return _finish(fig, title, "evaluated task (in merge order)", "model after merge step (task added)",
+                   yaxis_autorange="reversed", height=max(380, 200 + 36 * len(order)))
+
+
+def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """MINGLE gate activations (methods.md §4.14, the paper's Fig. 3): one panel per gate j.
+
+    x: evaluated task in merge order; y: the gate's raw output averaged over tokens and images, then
+    over layers, with a band of ± std across layers. The grey bar marks the gate's own task. `runs`
+    maps a curve label (e.g. "γ = 1", "no projection") to a GateStats JSON, so several variants can
+    share each panel.
+    """
+    from plotly.subplots import make_subplots
+
+    first = next(iter(runs.values()))
+    gates, evals = list(first["gate_tasks"]), list(first["eval_tasks"])
+    n_cols = min(4, max(1, len(gates)))
+    n_rows = -(-len(gates) // n_cols)
+    fig = make_subplots(rows=n_rows, cols=n_cols, shared_yaxes=True, horizontal_spacing=0.03,
+                        vertical_spacing=0.16 if n_rows > 1 else 0.1,
+                        subplot_titles=[f"gate {j + 1} (trained on {t})" for j, t in enumerate(gates)])
+    xs = list(range(len(evals)))
+    lo, hi = -0.3, 1.3  # the paper's range, widened when the data leave it
+    for c, (label, stats) in enumerate(runs.items()):
+        color = _CYCLE[c % len(_CYCLE)]
+        for j in range(len(gates)):
+            row, col = j // n_cols + 1, j % n_cols + 1
+            mean, std = list(stats["mean"][j]), list(stats["std"][j])
+            upper = [m + s for m, s in zip(mean, std)]
+            lower = [m - s for m, s in zip(mean, std)]
+            lo, hi = min(lo, *lower), max(hi, *upper)
+            fig.add_scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color, opacity=0.15,
+                            line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=label,
+                            row=row, col=col)
+            fig.add_scatter(name=label, x=xs, y=mean, mode="lines+markers", line=dict(color=color),
+                            customdata=evals, legendgroup=label, showlegend=j == 0,
+                            hovertemplate="tested on %{customdata}: %{y:.3f}<extra>" + label + "</extra>",
+                            row=row, col=col)
+    for j in range(len(gates)):
+        row, col = j // n_cols + 1, j % n_cols + 1
+        fig.add_vrect(x0=j - 0.4, x1=j + 0.4, fillcolor=COLORS["pretrained"], opacity=0.3, line_width=0,
+                      row=row, col=col)
+        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=evals, tickangle=-45, row=row, col=col)
+    pad = 0.05 * (hi - lo)
+    fig.update_yaxes(range=[lo - pad, hi + pad])
+    for row in range(1, n_rows + 1):
+        fig.update_yaxes(title_text="mean gate output (unitless)", row=row, col=1)
+    fig.update_xaxes(title_text="evaluated task (merge order)", row=n_rows)
+    fig.update_layout(title=dict(text="Gate activations per evaluated task (grey: the gate's own task; "
+                                      "band: ± std across layers)", x=0.0, xanchor="left"),
+                      legend=_LEGENDS["top"], height=330 * n_rows + 120, **_LAYOUT)
+    return fig
+
+
+def gate_layer_heatmap(stats: Mapping[str, Any], eval_task: str) -> go.Figure:
+    """Per layer (rows) and gate (columns): mean raw gate output on one evaluated task's test images."""
+    evals, gates = list(stats["eval_tasks"]), list(stats["gate_tasks"])
+    i = evals.index(eval_task)
+    layers = list(stats["layers"])
+    z = [[float(stats["per_layer"][name][j][i]) for j in range(len(gates))] for name in layers]
+    columns = [f"{j + 1}: {t}" for j, t in enumerate(gates)]
+    bound = max([abs(v) for row in z for v in row] + [1e-9])
+    fig = go.Figure(go.Heatmap(
+        z=z, x=columns, y=layers, colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+        colorbar=dict(title=dict(text="mean gate<br>output")),
+        hovertemplate="layer %{y}<br>gate %{x}: %{z:.3f}<extra></extra>",
+    ))
+    own = next((j for j, t in enumerate(gates) if t == eval_task), None)
+    if own is not None:
+        fig.add_shape(type="rect", xref="x", yref="paper", x0=own - 0.5, x1=own + 0.5, y0=0, y1=1,
+                      line=dict(color="black", width=2, dash="dot"))
+    return _finish(fig, f"Gate outputs per layer on '{eval_task}' images (dotted: that task's own gate)",
+                   "gate (task it was trained on)", "gated linear layer", xaxis_type="category",
+                   yaxis_autorange="reversed", height=max(420, 160 + 16 * len(layers)))
+
+
+# --------------------------------------------------------------------------- RI comparison
+
+def ri_accuracy_bars(tasks: Sequence[str], without_ri: Mapping[str, float], with_ri: Mapping[str, float],
+                     individual: Mapping[str, float] | None = None, *, normalized: bool = False,
+                     method_label: str = "merged") -> go.Figure:
+    """Per-task accuracy of the same merge of the original vs the RI-adapted experts (%)."""
+    tasks = list(tasks)
+    fig = go.Figure()
+    for name, acc, color in ((f"{method_label}, original experts", without_ri, COLORS["dropped"]),
+                             (f"{method_label}, RI-adapted experts", with_ri, COLORS["merged"])):
+        y = []
+        for t in tasks:
+            v, ref = acc.get(t), (individual or {}).get(t)
+            y.append(None if v is None else (100.0 * v / ref if normalized and ref else float(v)))
+        fig.add_bar(name=name, x=tasks, y=y, marker_color=color, text=[None if v is None else f"{v:.0f}" for v in y],
+                    textposition="outside", hovertemplate="%{x}: %{y:.1f} %<extra>" + name + "</extra>")
+    if individual and not normalized:
+        fig.add_scatter(name="individual expert", x=tasks, y=[individual.get(t) for t in tasks], mode="markers",
+                        marker=dict(symbol="line-ew-open", size=26, color=COLORS["individual"], line_width=3),
+                        hovertemplate="%{x}: expert %{y:.1f} %<extra></extra>")
+    top = max([v for tr in fig.data for v in tr.y if v is not None] + [100.0])
+    y_title = "accuracy / expert accuracy (%)" if normalized else "top-1 accuracy (%)"
+    return _finish(fig, "Per-task accuracy with and without RI (same merge, same hyperparameters)", "task",
+                   y_title, barmode="group", yaxis_range=[0, top * 1.12])
+
+
+def interference_bars(tasks: Sequence[str], xi_by_variant: Mapping[str, Mapping[str, float]]) -> go.Figure:
+    """ξ per task (KL from each expert to the merge under the task's head, nats per image), per variant."""
+    tasks = list(tasks)
+    fig = go.Figure()
+    colors = (COLORS["dropped"], COLORS["merged"], *_CYCLE)
+    for i, (label, xi) in enumerate(xi_by_variant.items()):
+        y = [xi.get(t) for t in tasks]
+        fig.add_bar(name=f"{label} (total {sum(v for v in y if v is not None):.2f})", x=tasks, y=y,
+                    marker_color=colors[i % len(colors)], hovertemplate="%{x}: %{y:.3f} nats<extra>" + label +
+                    "</extra>")
+    return _finish(fig, "Interference ξ per task: how far the merge's predictions are from each expert's",
+                   "task", "ξ_t: KL(expert ‖ merged) per test image (nats)", barmode="group",
+                   yaxis_rangemode="tozero")
