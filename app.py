@@ -26,6 +26,7 @@ PAGES = [
     st.Page("pages/merge.py", title="Merge", icon=":material/call_merge:"),
     st.Page("pages/interference.py", title="Interference", icon=":material/bolt:"),
     st.Page("pages/sweep.py", title="Sweep", icon=":material/monitoring:"),
+    st.Page("pages/continual.py", title="Continual", icon=":material/timeline:"),
 ]
 page = st.navigation(PAGES)
 shared.remember_start_url()

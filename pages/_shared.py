@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -143,17 +144,23 @@ def method_fields(method: Any) -> list[dataclasses.Field]:
     return list(dataclasses.fields(method.Config))
 
 
-def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str | None = None) -> dict[str, Any]:
+def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str | None = None, *,
+                   bounds: dict[str, tuple[float, float]] | None = None, url_ok: bool | None = None,
+                   url_prefix: str = "") -> dict[str, Any]:
     """One widget per Config field (slider for numbers, radio/selectbox for choices, toggle for bools).
 
     Values are stored per method ("ties.lam" and "task-arithmetic.lam" differ: their defaults do);
-    the URL uses the bare field name. Returns {field: value}.
+    the URL uses the bare field name. `bounds` narrows a slider's range for this page (a Config's
+    limits are what is valid, not what is useful to slide over); the default is clamped into it.
+    `url_ok` says whether bare field names in the opening link are this method's (default: when the
+    link's `method` is this one, TIES when it names none); `url_prefix` goes before each field name
+    in the URL where two settings groups on one page share field names. Returns {field: value}.
     """
     values: dict[str, Any] = {}
     prefix = prefix or method.name
     start = st.session_state.get(START_URL) or {}
-    # A link's bare `lam`/`k` belong to the link's method (TIES when it names none).
-    url_ok = start.get("method", "ties") == method.name
+    if url_ok is None:
+        url_ok = start.get("method", "ties") == method.name
     for f in method_fields(method):
         if only is not None and f.name not in only:
             continue
@@ -161,7 +168,7 @@ def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str
         label, help_ = meta.get("label") or f.name, meta.get("help")
         default = f.default
         name = f"{prefix}.{f.name}"
-        url_key = f.name if url_ok else ""
+        url_key = url_prefix + f.name if url_ok else ""
         if meta.get("choices"):
             choices = list(meta["choices"])
             if len(choices) <= 2:
@@ -174,9 +181,12 @@ def config_widgets(method: Any, only: tuple[str, ...] | None = None, prefix: str
             values[f.name] = bind(st.toggle, name, default, label, url_key=url_key, help=help_)
         elif isinstance(default, (int, float)):
             lo, hi, step = meta.get("min"), meta.get("max"), meta.get("step")
+            if bounds and f.name in bounds:
+                lo, hi = bounds[f.name]
             cast = int if isinstance(default, int) else float
             lo = cast(lo if lo is not None else 0)
             hi = cast(hi if hi is not None else max(1, default * 2))
+            default = min(max(default, lo), hi)
             values[f.name] = bind(st.slider, name, cast(default), label, min_value=lo, max_value=hi,
                                   step=cast(step) if step else None, url_key=url_key, help=help_,
                                   valid=lambda v, lo=lo, hi=hi: isinstance(v, (int, float)) and lo <= v <= hi)
@@ -415,6 +425,20 @@ def magnitude_report(source_key: str, task: str, k: float, trim: str, _active: A
     return magnitude_histogram(_active.stack, task, k=float(k), trim=trim)
 
 
+@st.cache_resource(max_entries=16)
+def result_store(kind: str) -> OrderedDict:
+    """Finished long runs of one kind (sweeps, continual runs), shared by every session so a class
+    opening the same link sees them at once. Keys are JSON of everything that made the result."""
+    return OrderedDict()
+
+
+def remember(store: OrderedDict, key: str, value: Any, size: int = 32) -> None:
+    store[key] = value
+    store.move_to_end(key)
+    while len(store) > size:
+        store.popitem(last=False)
+
+
 def task_selector(act: Active, label: str = "Tasks to merge") -> list[str]:
     """Multiselect over the source's tasks (URL key `tasks`); an empty choice falls back to all."""
     all_tasks = act.tasks
@@ -434,3 +458,91 @@ def url_tasks(act: Active, tasks: list[str]) -> str | None:
 
 def what_am_i_looking_at(text: str) -> None:
     st.caption("**What am I looking at?** " + text)
+
+
+@st.cache_resource(show_spinner="Loading test sets and heads…", max_entries=4)
+def continual_source(source_key: str, tasks: tuple[str, ...], _active: Active) -> Any:
+    """engine.continual.ZooSource over the chosen tasks (test sets are loaded once and kept)."""
+    from engine.continual import ZooSource
+
+    return ZooSource(_active.zoo, tasks=list(tasks))
+
+
+# --------------------------------------------------------------------------------------------
+# RI-adapted experts (Resolving Interference, methods.md §5)
+# --------------------------------------------------------------------------------------------
+
+RI_FIELDS = ("alpha", "steps", "aux")
+RI_URL_PREFIX = "ri_"
+_RI_LOCK = threading.Lock()
+
+
+class _RIMethod:
+    """What config_widgets needs of the RI settings: a name and a Config with field metadata."""
+
+    name = "ri"
+
+    @property
+    def Config(self) -> type:  # noqa: N802 (mirrors the method objects' attribute)
+        from engine.methods.ri import RIConfig
+
+        return RIConfig
+
+
+def ri_controls(act: Active) -> tuple[bool, dict[str, Any]]:
+    """The "RI-adapted experts" switch and, when on, RI's main settings. Returns (on, settings)."""
+    on = bind(st.toggle, "ri", False, "RI-adapted experts", disabled=act.zoo is None,
+              help="Resolving Interference: before merging, each expert is trained on unlabeled images to keep "
+                   "its own predictions and leave other tasks' heads as the pretrained model had them.")
+    if act.zoo is None or not on:
+        return False, {}
+    # A form: each new setting means adapting every expert again (about a minute), so settings apply
+    # together on one click rather than on every slider move.
+    with st.expander("RI settings"), st.form(f"ri_form_{st.session_state.get(PAGE_KEY, '')}", border=False):
+        values = config_widgets(_RIMethod(), only=RI_FIELDS, prefix="ri", url_ok=True, url_prefix=RI_URL_PREFIX,
+                                bounds={"alpha": (0.0, 10.0), "steps": (0, 1000)})
+        st.form_submit_button("Apply RI settings",
+                              help="Adapts the experts with these settings (about a minute the first time; "
+                                   "each setting's adapted experts are kept on disk beside the zoo).")
+    return True, values
+
+
+def ri_url_params(on: bool, values: dict[str, Any]) -> dict[str, Any]:
+    return {"ri": 1, **{RI_URL_PREFIX + k: v for k, v in values.items()}} if on else {}
+
+
+def ri_active(act: Active, values: dict[str, Any]) -> Active:
+    """The demo zoo with RI-adapted experts, as a source: read from disk when it was adapted before
+    with these settings, else adapted now (about a minute on the demo zoo) with a progress bar.
+
+    One adaptation at a time per server; a second session waits for it and then reuses its result.
+    """
+    from engine.methods.ri import RIConfig, adapted_zoo_dir, cached_adapted_zoo, ensure_adapted_zoo
+
+    config = RIConfig(**values)
+    adapted = cached_adapted_zoo(act.zoo, config)
+    if adapted is None:
+        if not _RI_LOCK.acquire(blocking=False):
+            with st.spinner("Another session is adapting the experts with RI; waiting for it…"):
+                _RI_LOCK.acquire()
+        try:
+            bar = st.progress(0.0, text="Adapting every expert with RI (first time only; kept on disk)…")
+            adapted = ensure_adapted_zoo(act.zoo, config, progress=lambda f, msg: bar.progress(
+                min(max(float(f), 0.0), 1.0), text=f"RI: {msg}"))
+            bar.empty()
+        finally:
+            _RI_LOCK.release()
+    return load_active("zoo", str(adapted_zoo_dir(act.zoo, config)))
+
+
+@st.cache_data(show_spinner="Measuring interference ξ against the original experts…", max_entries=256)
+def interference_report(source_key: str, reference_key: str, tasks: tuple[str, ...], method_name: str,
+                        config_json: str, _active: Active, _reference: Active) -> dict[str, Any]:
+    """ξ per task of a merge of `_active`'s experts, measured against `_reference`'s (original) experts."""
+    from engine.analysis.interference import measure_interference
+    from engine.methods import get_method
+
+    method = get_method(method_name)
+    stack = _active.subset(list(tasks))
+    merged = stack.apply(method.merge(stack, method.config(**json.loads(config_json))))
+    return measure_interference(_reference.zoo, merged, list(tasks)).to_json()

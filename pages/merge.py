@@ -8,7 +8,51 @@ import streamlit as st
 from engine import figures
 from engine.errors import MergeExplorerError
 from engine.methods import METHODS
+from engine.methods.ri import ri_record
 from pages import _shared as shared
+
+
+def show_ri_comparison(shown: dict, individual: dict, normalized: bool) -> None:
+    """The same merge of the original and of the RI-adapted experts: accuracy and ξ per task."""
+    ri_act = shared.ri_active(act, shown["ri"])
+    config_json = json.dumps(shown["config"], sort_keys=True)
+    tasks_ = tuple(shown["tasks"])
+    label = METHODS[shown["method"]].label
+    without = shared.merge_report(act.key, tasks_, shown["method"], config_json, act)
+    with_ri = shown["report"]
+    st.subheader("With and without RI")
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Average, original experts", f"{without['average']:.1f} %",
+              help="The same merge (method, hyperparameters, tasks) of the experts as fine-tuned.")
+    c2.metric("Average, RI-adapted experts", f"{with_ri['average']:.1f} %",
+              delta=f"{with_ri['average'] - without['average']:+.1f} pts from RI",
+              help="The same merge of the experts after RI adapted them on unlabeled auxiliary images.")
+    adapted_own = (ri_record(ri_act.zoo) or {}).get("adapted_accuracies") or {}
+    own = [adapted_own[t] for t in tasks_ if t in adapted_own]
+    if own:
+        before = sum(individual[t] for t in tasks_ if t in adapted_own) / len(own)
+        c3.metric("RI experts on their own tasks", f"{sum(own) / len(own):.1f} %",
+                  delta=f"{sum(own) / len(own) - before:+.1f} pts vs the originals",
+                  help="What RI cost each expert alone on its own task, before any merge.")
+    st.plotly_chart(figures.ri_accuracy_bars(tasks_, without["per_task"], with_ri["per_task"], individual,
+                                             normalized=normalized, method_label=label),
+                    key="ri_accuracy_chart", config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "the same merge twice: grey from the experts as fine-tuned, blue from the experts after RI. Green "
+        "marks are the original experts alone. RI trains each expert to leave other tasks' heads as the "
+        "pretrained model had them, so that adding its task vector disturbs the other tasks less.")
+    xi = {"original experts": shared.interference_report(act.key, act.key, tasks_, shown["method"], config_json,
+                                                         act, act)["per_task"],
+          "RI-adapted experts": shared.interference_report(ri_act.key, act.key, tasks_, shown["method"],
+                                                           config_json, ri_act, act)["per_task"]}
+    st.plotly_chart(figures.interference_bars(tasks_, xi), key="ri_xi_chart", config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "ξ_t: on task t's test images and under its head, how far the merged model's predicted probabilities are "
+        "from the original expert's (KL divergence, 0 = identical). Both bars compare to the original experts, "
+        "the models one wanted to merge; lower is less interference.")
+    st.page_link("pages/sweep.py", label="Accuracy vs λ with and without RI: Sweep page, same switch",
+                 icon=":material/monitoring:")
+
 
 shared.start_page("merge")
 st.title("Merge")
@@ -27,9 +71,10 @@ with controls:
     normalized = shared.bind(
         st.toggle, "norm", False, "Normalised accuracy",
         help="Divide each task's accuracy by its own expert's: 100 % means 'as good as the expert'.")
+    ri_on, ri_values = shared.ri_controls(act)
 
 shared.sync_url({"method": method_name, "tasks": shared.url_tasks(act, tasks), **config,
-                 "norm": normalized or None})
+                 "norm": normalized or None, **shared.ri_url_params(ri_on, ri_values)})
 
 with results:
     config_json = json.dumps(config, sort_keys=True)
@@ -39,18 +84,22 @@ with results:
                 "the merged checkpoint, and the Interference page works on any source.")
     else:
         try:
-            report = shared.merge_report(act.key, tuple(tasks), method_name, config_json, act)
-            shown = {"report": report, "tasks": tasks, "method": method_name, "config": config}
+            merge_act = shared.ri_active(act, ri_values) if ri_on else act
+            report = shared.merge_report(merge_act.key, tuple(tasks), method_name, config_json, merge_act)
+            shown = {"report": report, "tasks": tasks, "method": method_name, "config": config,
+                     "ri": ri_values if ri_on else None}
             st.session_state["last_merge"] = shown
         except MergeExplorerError as exc:
             st.error(str(exc), icon=":material/error:")
             shown = st.session_state.get("last_merge")
             if shown is not None:
                 st.caption(f"Still showing the last merge that worked: {METHODS[shown['method']].label}, "
-                           + ", ".join(f"{k} = {v}" for k, v in shown["config"].items()))
+                           + ", ".join(f"{k} = {v}" for k, v in shown["config"].items())
+                           + (", RI-adapted experts" if shown.get("ri") is not None else ""))
 
     if shown is not None:
         report, shown_tasks = shown["report"], shown["tasks"]
+        shown_label = METHODS[shown["method"]].label + (" on RI-adapted experts" if shown.get("ri") is not None else "")
         ref = shared.reference_accuracies(act.key, act)
         individual = {t: ref["individual"][t] for t in shown_tasks if t in ref["individual"]}
         pretrained = {t: ref["pretrained"][t] for t in shown_tasks if t in ref["pretrained"]}
@@ -68,7 +117,7 @@ with results:
                   help="What the individual fine-tuned models reach, each on its own task (the ceiling).")
 
         fig = figures.accuracy_bars(shown_tasks, report["per_task"], individual, pretrained,
-                                    normalized=normalized, merged_label=f"merged ({METHODS[shown['method']].label})")
+                                    normalized=normalized, merged_label=f"merged ({shown_label})")
         st.plotly_chart(fig, key="accuracy_chart", config={"displaylogo": False})
         shared.what_am_i_looking_at(
             "one group of bars per task. Green is the task's own expert (the best a single model got), grey the "
@@ -76,13 +125,19 @@ with results:
             "between green and blue is what merging cost on that task — interference between task vectors."
             + (" Normalised: every bar is divided by the expert's accuracy." if normalized else ""))
 
+        if shown.get("ri") is not None:
+            show_ri_comparison(shown, individual, normalized)
+
     if act.zoo is None or shown is not None:
         dl_tasks = shown["tasks"] if shown else tasks
         dl_method = shown["method"] if shown else method_name
         dl_config = shown["config"] if shown else config
+        dl_act = act
+        if shown is not None and shown.get("ri") is not None:
+            dl_act = shared.ri_active(act, shown["ri"])  # already adapted: read from disk
         st.download_button(
             "Download merged checkpoint (.safetensors)",
-            data=lambda: shared.merged_checkpoint_bytes(act, dl_tasks, dl_method, dl_config),
+            data=lambda: shared.merged_checkpoint_bytes(dl_act, dl_tasks, dl_method, dl_config),
             file_name=f"merged-{dl_method}.safetensors", mime="application/octet-stream",
             on_click="ignore", key="download_merged",
             help="θ₀ + merged task vector, canonical tensor names; the method, hyperparameters and tasks are "

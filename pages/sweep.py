@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 
 import numpy as np
 import streamlit as st
@@ -25,12 +24,6 @@ act = shared.active()
 if act.zoo is None:
     st.info("Sweeps measure accuracy, which needs test sets: switch to the demo zoo in the sidebar.")
     st.stop()
-
-
-@st.cache_resource
-def _sweep_store() -> OrderedDict:
-    """Finished sweeps, shared by every session (a class opening the same link sees them at once)."""
-    return OrderedDict()
 
 
 c1, c2, c3 = st.columns([1, 1.4, 1.2], gap="medium")
@@ -58,6 +51,7 @@ with c3:
                          help="The mean over the merged tasks, or one task's own accuracy.")
     normalized = shared.bind(st.toggle, "norm", False, "Normalised accuracy",
                              help="Divide by each expert's accuracy: 100 % means 'as good as the expert'.")
+    ri_on, ri_values = shared.ri_controls(act)
 
 # The other hyperparameters stay as set on the Merge page (or their defaults).
 configs = {}
@@ -73,28 +67,42 @@ if param == "k":
     values = sorted({max(v, 0.1) for v in values})
 shared.sync_url({"sweep": param, f"{param}_range": list(value_range), "points": n_points,
                  "methods": ",".join(method_names), "tasks": shared.url_tasks(act, tasks),
-                 "metric": metric, "norm": normalized or None})
+                 "metric": metric, "norm": normalized or None, **shared.ri_url_params(ri_on, ri_values)})
 
-key = json.dumps([act.key, param, values, method_names, tasks, configs], sort_keys=True, default=str)
-store = _sweep_store()
+try:
+    ri_act = shared.ri_active(act, ri_values) if ri_on else None
+except MergeExplorerError as exc:
+    st.error(str(exc), icon=":material/error:")
+    st.stop()
+# With RI on, every method is swept twice: on the original experts and on the RI-adapted ones.
+variants = [(act, False)] + ([(ri_act, True)] if ri_act is not None else [])
+key = json.dumps([act.key, param, values, method_names, tasks, configs, ri_act.key if ri_act else None],
+                 sort_keys=True, default=str)
+store = shared.result_store("sweep")
 run = st.button("Run sweep", type="primary", key="run_sweep", disabled=not method_names,
-                help=f"{len(values)} values × {len(method_names)} methods; progress is shown below, and changing "
-                     "any control stops the run.")
+                help=f"{len(values)} values × {len(method_names)} methods" + (" × 2 (with and without RI)" if ri_on
+                                                                            else "")
+                     + "; progress is shown below, and changing any control stops the run.")
 if run and key not in store:
     bar = st.progress(0.0, text="Starting the sweep…")
     try:
         from engine.evaluate import evaluate
 
-        stack = act.subset(tasks)
-        results = sweep_methods(stack, [METHODS[n] for n in method_names], param, values,
-                                evaluate_fn=lambda sd: evaluate(act.zoo, sd, tasks=tasks), configs=configs,
-                                progress=lambda f, msg: bar.progress(min(max(f, 0.0), 1.0), text=msg))
+        results = []
+        for i, (source, is_ri) in enumerate(variants):
+            def progress(f: float, msg: str, _i=i, _ri=is_ri) -> None:
+                bar.progress(min(max((_i + f) / len(variants), 0.0), 1.0),
+                             text=("RI-adapted experts: " if _ri else "") + msg)
+
+            for r in sweep_methods(source.subset(tasks), [METHODS[n] for n in method_names], param, values,
+                                   evaluate_fn=lambda sd, z=source.zoo: evaluate(z, sd, tasks=tasks),
+                                   configs=configs, progress=progress):
+                r.extra["ri"] = is_ri
+                results.append(r)
     except MergeExplorerError as exc:
         st.error(str(exc), icon=":material/error:")
     else:
-        store[key] = [r.to_json() for r in results]
-        while len(store) > STORE_SIZE:
-            store.popitem(last=False)
+        shared.remember(store, key, [r.to_json() for r in results], STORE_SIZE)
     bar.empty()
 
 results = store.get(key)
@@ -108,28 +116,36 @@ st.plotly_chart(fig, key="sweep_chart", config={"displaylogo": False})
 shared.what_am_i_looking_at(
     f"each line is one merge method; each point is a full merge at that value of {PARAMS[param]} followed by a "
     "test on every task. The peak of a line is that method's best setting for these tasks; dashed lines are "
-    "methods that ignore this hyperparameter.")
+    "methods that ignore this hyperparameter."
+    + (" Dotted lines merge the experts as fine-tuned, solid lines the same experts after RI; the RI paper "
+       "finds RI lifts merges and makes them less sensitive to λ (a flatter line)." if ri_on else ""))
+
+
+def variant(r: dict) -> tuple[str, str]:
+    """(key, label) of one line: the method, and whether it merged RI-adapted experts."""
+    ri = bool((r.get("extra") or {}).get("ri"))
+    return r["method"] + ("+ri" if ri else ""), r["label"] + (" + RI" if ri else " (original)" if ri_on else "")
+
 
 best_rows = []
 for r in results:
-    if r["varies"]:
-        i = int(np.argmax(r["average"]))
-        best_rows.append({"method": r["label"], f"best {figures.PARAM_SYMBOLS[param]}": f"{r['values'][i]:g}",
-                          "average accuracy (%)": round(r["average"][i], 1),
-                          "normalised average (%)": round(100 * r["normalized_average"][i], 1)})
-    else:
-        best_rows.append({"method": r["label"], f"best {figures.PARAM_SYMBOLS[param]}": "— (has none)",
-                          "average accuracy (%)": round(r["average"][0], 1),
-                          "normalised average (%)": round(100 * r["normalized_average"][0], 1)})
-st.dataframe(best_rows, hide_index=True, width="stretch")
+    i = int(np.argmax(r["average"])) if r["varies"] else 0
+    best_rows.append({"method": variant(r)[1],
+                      f"best {figures.PARAM_SYMBOLS[param]}": f"{r['values'][i]:g}" if r["varies"] else "— (has none)",
+                      "average accuracy (%)": round(r["average"][i], 1),
+                      "normalised average (%)": round(100 * r["normalized_average"][i], 1),
+                      "spread over the range (points)": round(max(r["average"]) - min(r["average"]), 1)})
+st.dataframe(best_rows, hide_index=True, width="stretch",
+             column_config={"spread over the range (points)": st.column_config.NumberColumn(
+                 help="Best minus worst average accuracy over the swept values: how sensitive the method is.")})
 
 varying = [r for r in results if r["varies"]]
 if varying:
-    labels = {r["method"]: r["label"] for r in varying}
-    which = shared.bind(st.selectbox, "per_task_method", varying[-1]["method"], "Per-task lines for", list(labels),
+    labels = dict(variant(r) for r in varying)
+    which = shared.bind(st.selectbox, "per_task_method", variant(varying[-1])[0], "Per-task lines for", list(labels),
                         format_func=labels.get, valid=lambda v: v in labels,
                         help="Show every task's accuracy for one method.")
-    chosen = next(r for r in varying if r["method"] == which)
+    chosen = next(r for r in varying if variant(r)[0] == which)
     st.plotly_chart(figures.sweep_per_task_lines(chosen, normalized=normalized, individual=ref["individual"]),
                     key="sweep_per_task_chart", config={"displaylogo": False})
     shared.what_am_i_looking_at(

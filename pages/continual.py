@@ -1,0 +1,174 @@
+"""Continual: tasks arrive one at a time; MINGLE and the continual baselines merge them as they come.
+
+Widgets in, `engine.continual.run_continual` per method (cached per settings), figures out.
+"""
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from engine import figures
+from engine.continual import (CONTINUAL_LABELS, MingleContinual, PAPER_ORDER_SEEDS, continual_methods,
+                              make_method, method_config, run_continual, task_order)
+from engine.errors import MergeExplorerError
+from pages import _shared as shared
+
+MINGLE_FIELDS = ("rank", "gamma", "beta", "subspace_k", "steps", "seeds_per_class", "layers", "projection")
+BASELINES = ("average", "task-arithmetic", "ties", "magmax", "opcm")
+DEFAULT_METHODS = ["mingle", "opcm", "task-arithmetic"]
+# The γ comparison (methods.md §4.14): MINGLE as set above, changing only these.
+GAMMA_VARIANTS = {"no projection": {"projection": False}, "γ = 0 (hard projection)": {"gamma": 0.0},
+                  "γ = 1": {"gamma": 1.0}, "γ = 3": {"gamma": 3.0}}
+STORE_SIZE = 64
+
+shared.start_page("continual")
+st.title("Continual merging")
+st.markdown("Fine-tuned models arrive **one at a time**; after each arrival the merged model is tested on every "
+            "task seen so far. MINGLE adds low-rank experts with gates trained at test time on a few unlabeled "
+            "images, and keeps old tasks by steering the new gate away from what earlier tasks' inputs look "
+            "like (its null space); the baselines merge weights as they come.")
+act = shared.active()
+if act.zoo is None:
+    st.info("Continual merging is measured on test sets: switch to the demo zoo in the sidebar.")
+    st.stop()
+
+width = int(act.zoo.model_config["kwargs"].get("width", 64))
+c1, c2 = st.columns([1, 1.3], gap="large")
+with c1:
+    method_names = shared.bind(
+        st.multiselect, "continual_methods", DEFAULT_METHODS, "Methods", list(continual_methods()),
+        url_key="cmethods", format_func=CONTINUAL_LABELS.get,
+        valid=lambda v: isinstance(v, list) and all(m in CONTINUAL_LABELS for m in v),
+        help="Which continual methods to run on the same task stream, side by side.")
+    tasks = shared.task_selector(act, "Tasks in the stream")
+    order_seed = shared.bind(
+        st.selectbox, "order_seed", PAPER_ORDER_SEEDS[0], "Task order", list(PAPER_ORDER_SEEDS), url_key="order",
+        format_func=lambda s: f"s{s}: " + " → ".join(task_order(tasks, s)),
+        valid=lambda v: v in PAPER_ORDER_SEEDS,
+        help="The order tasks arrive in: random.seed(s); random.shuffle(tasks), with the paper's seeds 42…51.")
+    order = task_order(tasks, order_seed)
+with c2:
+    st.markdown("**MINGLE settings**")
+    mingle_values = shared.config_widgets(
+        MingleContinual, only=MINGLE_FIELDS, prefix="continual.mingle", url_ok=True,
+        bounds={"rank": (1, width), "gamma": (0.0, 10.0), "subspace_k": (0, 16), "steps": (0, 300),
+                "seeds_per_class": (1, 50)})
+    with st.expander("Baseline settings"):
+        baseline_values = {name: shared.config_widgets(continual_methods()[name], prefix=f"continual.{name}",
+                                                       url_ok=False)
+                           for name in BASELINES if name in method_names and name != "average"}
+
+shared.sync_url({"cmethods": ",".join(method_names), "tasks": shared.url_tasks(act, tasks), "order": order_seed,
+                 **mingle_values})
+
+values_for = {"mingle": mingle_values, **baseline_values}
+
+
+def run_key(name: str, values: dict) -> str:
+    return json.dumps([act.key, order, name, values], sort_keys=True, default=str)
+
+
+def run_all(specs: list[tuple[str, str, dict]], what: str) -> None:
+    """Run every (label, method, values) not in the store, with one progress bar over all task steps."""
+    missing = [(label, name, values) for label, name, values in specs if run_key(name, values) not in store]
+    if not missing:
+        return
+    source = shared.continual_source(act.key, tuple(tasks), act)
+    bar = st.progress(0.0, text=f"Starting {what}…")
+    try:
+        for i, (label, name, values) in enumerate(missing):
+            def progress(fraction: float, message: str, _i=i, _label=label) -> None:
+                bar.progress(min(1.0, (_i + fraction) / len(missing)),
+                             text=f"{_label} ({_i + 1}/{len(missing)}): {message}")
+
+            method = make_method(name, method_config(name, values), source.model_config)
+            result = run_continual(source, method, order, seeds_per_class=int(values.get("seeds_per_class", 5)),
+                                   gate_stats=name == "mingle", progress=progress)
+            shared.remember(store, run_key(name, values), {**result.to_json(), "label": CONTINUAL_LABELS[name]},
+                            STORE_SIZE)
+    except MergeExplorerError as exc:
+        st.error(f"{exc}. Results computed before this one are kept.", icon=":material/error:")
+    bar.empty()
+
+
+store = shared.result_store("continual")
+specs = [(CONTINUAL_LABELS[n], n, values_for.get(n, {})) for n in method_names]
+if st.button("Run continual merging", type="primary", key="run_continual", disabled=not method_names,
+             help=f"{len(method_names)} method(s) × {len(order)} task steps; each step merges one more task and "
+                  "tests on all tasks seen so far. Progress is shown below."):
+    run_all(specs, "continual merging")
+
+results = [store[run_key(n, v)] for _, n, v in specs if run_key(n, v) in store]
+if not results:
+    st.info("Press **Run continual merging** (MINGLE over the 8 demo tasks takes about half a minute on 2 CPU "
+            "cores; each baseline a few seconds to a minute).")
+else:
+    not_run = [label for label, n, v in specs if run_key(n, v) not in store]
+    if not_run:
+        st.caption("Not run yet with these settings: " + ", ".join(not_run) + " (press the button).")
+    st.dataframe([{"method": r["label"], "ACC (%)": round(r["ACC"], 1),
+                   "BWT (points)": None if r["BWT"] is None else round(r["BWT"], 1),
+                   "FWT (points)": None if r["FWT"] is None else round(r["FWT"], 1),
+                   "merge time (s)": round(r["timings"]["merge_total_s"], 1)} for r in results],
+                 hide_index=True, width="stretch")
+    st.plotly_chart(figures.continual_seen_average_lines(results), key="seen_average_chart",
+                    config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "after each new task is merged (x), the merged model's average accuracy over all tasks seen so far (y). "
+        "A line that stays high keeps old tasks while adding new ones. ACC is the last point; BWT is how much "
+        "accuracy on earlier tasks changed from when they were added to the end (0 = no forgetting).")
+
+    labels = {r["method"]: r["label"] for r in results}
+    shown = shared.bind(st.selectbox, "matrix_method", results[0]["method"], "Accuracy matrix of", list(labels),
+                        url_key="", format_func=labels.get, valid=lambda v: v in labels,
+                        help="Which method's step × task accuracy matrix to show.")
+    chosen = next(r for r in results if r["method"] == shown)
+    st.plotly_chart(figures.accuracy_matrix_heatmap(chosen), key="accuracy_matrix_chart",
+                    config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "row i is the merged model right after the i-th task arrived; each cell is its accuracy on one task. "
+        "The diagonal is how well a task is learnt when it arrives; reading a column downwards shows it being "
+        "kept or forgotten as later tasks come in. Blank cells: tasks that had not arrived yet.")
+
+    mingle = next((r for r in results if r["method"] == "mingle" and r.get("gates")), None)
+    if mingle is not None:
+        st.subheader("MINGLE's gates")
+        st.plotly_chart(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]}),
+                        key="gate_panels_chart", config={"displaylogo": False})
+        shared.what_am_i_looking_at(
+            "each panel is one gate, trained when its task arrived (grey bar). The curve is the gate's average "
+            "output when the final model sees each task's test images. A gate that is high only at its own task "
+            "routes inputs to the right expert; high values on other tasks mean its expert interferes there.")
+        eval_task = shared.bind(st.selectbox, "gate_eval_task", mingle["gates"]["eval_tasks"][0],
+                                "Per-layer gates on images of", list(mingle["gates"]["eval_tasks"]), url_key="",
+                                valid=lambda v: v in mingle["gates"]["eval_tasks"],
+                                help="Which task's test images the per-layer heatmap averages over.")
+        st.plotly_chart(figures.gate_layer_heatmap(mingle["gates"], eval_task), key="gate_layers_chart",
+                        config={"displaylogo": False})
+        shared.what_am_i_looking_at(
+            "one row per gated linear layer, one column per gate: its mean raw output on this task's images. "
+            "Red is positive (the expert is added), blue negative (subtracted); the dotted column is the task's "
+            "own gate.")
+
+st.divider()
+st.subheader("How γ trades forgetting for learning")
+st.markdown("MINGLE four times with the settings above, changing only the null-space constraint: none, the hard "
+            "projection (γ = 0), and the relaxed one at γ = 1 and γ = 3. A smaller γ protects old tasks more.")
+gamma_specs = [(label, "mingle", {**mingle_values, **change}) for label, change in GAMMA_VARIANTS.items()]
+if st.button("Run the γ comparison", key="run_gamma",
+             help="Four MINGLE runs over the task stream (those already run are reused); progress is shown below."):
+    run_all(gamma_specs, "the γ comparison")
+gamma_runs = {label: store[run_key(n, v)] for label, n, v in gamma_specs if run_key(n, v) in store}
+if len(gamma_runs) == len(gamma_specs):
+    st.dataframe([{"variant": label, "ACC (%)": round(r["ACC"], 1),
+                   "BWT (points)": None if r["BWT"] is None else round(r["BWT"], 2)}
+                  for label, r in gamma_runs.items()], hide_index=True, width="stretch")
+    st.plotly_chart(figures.gate_activation_panels({label: r["gates"] for label, r in gamma_runs.items()}),
+                    key="gamma_gates_chart", config={"displaylogo": False})
+    shared.what_am_i_looking_at(
+        "the paper's Fig. 3 on this zoo: every gate's output on each task's images, one curve per variant. "
+        "Left of the grey bar are tasks that arrived earlier: there the constraint should hold the gate down, "
+        "more so for smaller γ, which is what keeps old tasks from being forgotten.")
+else:
+    st.info("Press **Run the γ comparison** (four MINGLE runs; about two minutes on the 8-task demo zoo).")
