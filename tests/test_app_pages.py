@@ -114,7 +114,7 @@ def zoo_root_tasks(quick_zoo) -> list[str]:
 
 def test_every_page_renders_without_exceptions(app):
     at = open_page(app)
-    for page in ("merge", "interference", "sweep", "models"):
+    for page in ("merge", "interference", "sweep", "continual", "models"):
         at.switch_page(f"pages/{page}.py").run()
         assert_clean(at)
         assert not at.error, [e.value for e in at.error]
@@ -349,3 +349,261 @@ def test_missing_demo_zoo_offers_to_build_it(monkeypatch, tmp_path):
     assert_clean(at)
     assert any("not built yet" in w.value for w in at.warning)
     assert at.button(key="build_zoo").proto.label == "Build the demo zoo"
+
+
+# --------------------------------------------------------------------------- Continual
+
+CONTINUAL_STEPS = 5  # MINGLE adaptation steps per task: enough to train the gates a little, fast on 2 cores
+
+
+def table(at: AppTest, index: int = 0) -> list[dict]:
+    """Rows of the index-th st.dataframe as dicts."""
+    return at.dataframe[index].value.to_dict("records")
+
+
+def continual_page(app, methods: list[str], steps: int = CONTINUAL_STEPS) -> AppTest:
+    at = open_page(app, "continual")
+    at.multiselect(key="w.continual.continual_methods").set_value(methods).run()
+    at.slider(key="w.continual.continual.mingle.steps").set_value(steps).run()
+    assert_clean(at)
+    return at
+
+
+def test_continual_page_runs_mingle_and_a_baseline_side_by_side(app):
+    at = continual_page(app, ["mingle", "task-arithmetic"])
+    tasks = at.session_state["active"].tasks
+    assert any("Run continual merging" in i.value for i in at.info)
+    at.button(key="run_continual").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+
+    rows = table(at)
+    assert [r["method"] for r in rows] == ["MINGLE", "C-Task Arithmetic"]
+    seen = chart(at, "seen_average_chart")
+    for r in rows:
+        line = trace(seen, r["method"] + " (ACC")
+        assert len(line["y"]) == len(tasks)
+        assert r["ACC (%)"] == pytest.approx(line["y"][-1], abs=0.051)  # the table rounds to 0.1
+        assert 0.0 <= r["ACC (%)"] <= 100.0 and r["merge time (s)"] >= 0.0
+        assert r["BWT (points)"] is not None and not math.isnan(r["BWT (points)"])
+    # the seen-task average after step 1 is the first task's accuracy alone, so lines start at the diagonal
+    heat = chart(at, "accuracy_matrix_chart")["data"][0]
+    z = heat["z"]
+    assert len(z) == len(tasks) and all(len(row) == len(tasks) for row in z)
+    for i, row in enumerate(z):
+        assert all(v is None for v in row[i + 1:]), row  # tasks not arrived yet are blank
+        assert all(v is not None and 0.0 <= v <= 100.0 for v in row[: i + 1]), row
+    assert trace(seen, "MINGLE")["y"][0] == pytest.approx(z[0][0])  # the matrix shown is the first method's
+    assert sorted(heat["x"]) == sorted(tasks)
+
+    gates = chart(at, "gate_panels_chart")
+    titles = [a["text"] for a in gates["layout"]["annotations"] if a["text"].startswith("gate ")]
+    assert titles == [f"gate {j + 1} (trained on {t})" for j, t in enumerate(heat["x"])]
+    layers = chart(at, "gate_layers_chart")["data"][0]
+    assert layers["type"] == "heatmap" and len(layers["x"]) == len(tasks)
+    assert qp(at, "cmethods") == "mingle,task-arithmetic" and qp(at, "steps") == str(CONTINUAL_STEPS)
+    assert qp(at, "order") == "42"
+
+
+def test_continual_order_seed_changes_the_order_and_keeps_earlier_runs(app):
+    from engine.continual import PAPER_ORDER_SEEDS, task_order
+
+    at = continual_page(app, ["average"])  # a method no other test runs: the result store is per server
+    tasks = at.session_state["active"].tasks
+    first = task_order(tasks, 42)
+    other = next(s for s in PAPER_ORDER_SEEDS if task_order(tasks, s) != first)
+    order_box = at.selectbox(key="w.continual.order_seed")
+    assert order_box.value == 42 and " → ".join(first) in order_box.format_func(42)
+
+    at.button(key="run_continual").click().run()
+    assert_clean(at)
+    assert chart(at, "accuracy_matrix_chart")["data"][0]["x"] == first
+    acc_first = table(at)[0]["ACC (%)"]
+    with pytest.raises(AssertionError):
+        chart(at, "gate_panels_chart")  # gates are MINGLE's only
+
+    at.selectbox(key="w.continual.order_seed").set_value(other).run()
+    assert_clean(at)
+    assert qp(at, "order") == str(other)
+    assert not at.dataframe and any("Run continual merging" in i.value for i in at.info)  # not run yet
+    at.button(key="run_continual").click().run()
+    assert_clean(at)
+    matrix = chart(at, "accuracy_matrix_chart")
+    assert matrix["data"][0]["x"] == task_order(tasks, other) != first
+    assert [t.split("+")[-1] for t in chart(at, "seen_average_chart")["layout"]["xaxis"]["ticktext"]] == \
+        task_order(tasks, other)
+
+    at.selectbox(key="w.continual.order_seed").set_value(42).run()  # back: shown again without running
+    assert_clean(at)
+    assert chart(at, "accuracy_matrix_chart")["data"][0]["x"] == first
+    assert table(at)[0]["ACC (%)"] == acc_first
+
+
+def test_continual_gamma_comparison_runs_four_mingle_variants(app):
+    at = continual_page(app, ["mingle"])
+    n_tasks = len(at.session_state["active"].tasks)
+    assert any("Run the γ comparison" in i.value for i in at.info)
+    at.button(key="run_gamma").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    gamma_table = at.dataframe[-1].value
+    rows = gamma_table.to_dict("records")
+    assert list(gamma_table.columns) == ["variant", "ACC (%)", "BWT (points)"]
+    assert [r["variant"] for r in rows] == ["no projection", "γ = 0 (hard projection)", "γ = 1", "γ = 3"]
+    assert all(0.0 <= r["ACC (%)"] <= 100.0 and r["BWT (points)"] is not None for r in rows)
+
+    fig = chart(at, "gamma_gates_chart")
+    assert [t["name"] for t in fig["data"] if t.get("showlegend") is not False] == [r["variant"] for r in rows]
+    titles = [a["text"] for a in fig["layout"]["annotations"] if a["text"].startswith("gate ")]
+    assert len(titles) == n_tasks
+    curves = [t for t in fig["data"] if t.get("mode") == "lines+markers"]
+    assert len(curves) == 4 * n_tasks
+    # the variants are different runs: their gates differ somewhere
+    by_variant = {name: [t["y"] for t in curves if t["name"] == name] for name in (r["variant"] for r in rows)}
+    assert by_variant["no projection"] != by_variant["γ = 0 (hard projection)"]
+
+    # γ = 1 is MINGLE as set above (γ's default): the main run reuses it and agrees
+    assert at.slider(key="w.continual.continual.mingle.gamma").value == 1.0
+    at.button(key="run_continual").click().run()
+    assert_clean(at)
+    main = table(at, 0)
+    assert [r["method"] for r in main] == ["MINGLE"]
+    assert main[0]["ACC (%)"] == pytest.approx(rows[2]["ACC (%)"])
+    assert len(at.dataframe) == 2
+
+
+def test_continual_page_on_a_folder_source_explains_it_needs_test_sets(app, quick_zoo, tmp_path):
+    from engine.zoo.manifest import load_zoo
+
+    zoo = load_zoo(zoo_root(quick_zoo))
+    shutil.copy(zoo.pretrained_path, tmp_path / ("pretrained" + Path(zoo.pretrained_path).suffix))
+    for t in zoo.task_names()[:2]:
+        shutil.copy(zoo.expert_path(t), tmp_path / (t + Path(zoo.expert_path(t)).suffix))
+    at = open_page(app)
+    at.sidebar.radio(key="w.sidebar.source").set_value("folder").run()
+    at.sidebar.text_input(key="w.sidebar.folder").input(str(tmp_path)).run()
+    at.switch_page("pages/continual.py").run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert any("measured on test sets" in i.value for i in at.info)
+    assert not [b for b in at.button if b.key in ("run_continual", "run_gamma")]
+    assert not at.get("plotly_chart")
+
+
+# --------------------------------------------------------------------------- RI-adapted experts
+
+RI_TEST_STEPS = 10  # RI steps per expert in page tests (the app's default, 150, takes about a minute)
+
+
+def apply_ri_settings(at: AppTest, page: str, **values) -> AppTest:
+    """Set sliders in the RI settings form, then press its submit button, as a user would."""
+    for name, value in values.items():
+        at.slider(key=f"w.{page}.ri.{name}").set_value(value)
+    submit = [b for b in at.button if b.label == "Apply RI settings"]
+    assert len(submit) == 1, [b.label for b in at.button]
+    submit[0].click().run()
+    assert_clean(at)
+    return at
+
+
+def test_merge_page_ri_switch_compares_original_and_adapted_experts(app):
+    # a link that carries RI settings but leaves the switch off: turning it on then uses 10 steps at once
+    app.query_params.update({"ri_steps": str(RI_TEST_STEPS)})
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("task-arithmetic").run()
+    tasks = at.session_state["active"].tasks
+    plain = metric(at, "Average accuracy")
+    plain_bars = trace(chart(at, "accuracy_chart"), "merged")["y"]
+    assert qp(at, "ri") is None
+    with pytest.raises(AssertionError):
+        chart(at, "ri_xi_chart")
+
+    at.toggle(key="w.merge.ri").set_value(True).run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.slider(key="w.merge.ri.steps").value == RI_TEST_STEPS
+    assert metric(at, "Average, original experts") == plain  # the same merge of the original experts
+    with_ri = metric(at, "Average, RI-adapted experts")
+    assert with_ri == metric(at, "Average accuracy")  # the main view now merges the adapted experts
+    assert 0.0 <= pct(metric(at, "RI experts on their own tasks")) <= 100.0
+    bars = chart(at, "ri_accuracy_chart")
+    assert trace(bars, "Task Arithmetic, original experts")["y"] == pytest.approx(plain_bars)
+    adapted_bars = trace(bars, "Task Arithmetic, RI-adapted experts")["y"]
+    assert sum(adapted_bars) / len(adapted_bars) == pytest.approx(pct(with_ri), abs=0.06)
+    xi = chart(at, "ri_xi_chart")
+    assert len(xi["data"]) == 2
+    for tr in xi["data"]:
+        assert tr["x"] == tasks and len(tr["y"]) == len(tasks) and all(v >= 0.0 for v in tr["y"])
+        total = float(tr["name"].split("total ")[1].rstrip(")"))
+        assert total == pytest.approx(sum(tr["y"]), abs=0.006)  # the legend's total is the bars' sum
+    assert qp(at, "ri") == "1" and qp(at, "ri_steps") == str(RI_TEST_STEPS) and qp(at, "ri_aux") == "pool"
+
+    # RI with 0 steps leaves every expert as it was: both merges agree, to the last digit
+    apply_ri_settings(at, "merge", steps=0)
+    assert not at.error, [e.value for e in at.error]
+    assert qp(at, "ri_steps") == "0"
+    assert metric(at, "Average, RI-adapted experts") == metric(at, "Average, original experts") == plain
+    xi0 = chart(at, "ri_xi_chart")["data"]
+    assert xi0[1]["y"] == pytest.approx(xi0[0]["y"], abs=1e-6)
+
+    at.toggle(key="w.merge.ri").set_value(False).run()  # off again: the plain view
+    assert_clean(at)
+    assert metric(at, "Average accuracy") == plain
+    assert not [m for m in at.metric if m.label.startswith("Average, ")]
+    for key in ("ri_accuracy_chart", "ri_xi_chart"):
+        with pytest.raises(AssertionError):
+            chart(at, key)
+    assert qp(at, "ri") is None and qp(at, "ri_steps") is None
+
+
+def test_sweep_page_ri_switch_draws_every_method_with_and_without_ri(app):
+    app.query_params.update({"ri_steps": str(RI_TEST_STEPS)})
+    at = open_page(app, "sweep")
+    at.slider(key="w.sweep.points").set_value(3).run()
+    methods = at.multiselect(key="w.sweep.methods").value
+    at.toggle(key="w.sweep.ri").set_value(True).run()
+    assert_clean(at)
+    assert at.slider(key="w.sweep.ri.steps").value == RI_TEST_STEPS
+    at.button(key="run_sweep").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+
+    fig = chart(at, "sweep_chart")
+    names = [t["name"] for t in fig["data"]]
+    assert len(names) == 2 * len(methods)
+    adapted = [t for t in fig["data"] if " + RI" in t["name"]]
+    originals = [t for t in fig["data"] if "(original experts)" in t["name"]]
+    assert len(adapted) == len(originals) == len(methods)
+    for ri_line in adapted:
+        label = ri_line["name"].split(" + RI")[0]
+        original = trace(fig, f"{label} (original experts)")
+        assert original["line"]["color"] == ri_line["line"]["color"]
+        assert original["x"] == ri_line["x"] and len(original["y"]) == 3
+        if ri_line["mode"] == "lines+markers":  # a method with λ: originals dotted, RI solid
+            assert original["line"]["dash"] == "dot" and ri_line["line"]["dash"] == "solid"
+            assert original["y"] != ri_line["y"]  # different experts, different accuracies
+    assert sum(t["mode"] == "lines+markers" for t in adapted) >= 2  # TIES and Task Arithmetic sweep λ
+
+    rows = table(at)
+    assert len(rows) == 2 * len(methods)
+    spreads = {r["method"]: r["spread over the range (points)"] for r in rows}
+    for tr in fig["data"]:
+        label = tr["name"].replace(" (has no λ)", "").replace(" (original experts)", " (original)")
+        assert spreads[label] == pytest.approx(max(tr["y"]) - min(tr["y"]), abs=0.051)
+    assert qp(at, "ri") == "1" and qp(at, "ri_steps") == str(RI_TEST_STEPS)
+
+
+@pytest.mark.xfail(strict=True, reason="pages/continual.py GAMMA_VARIANTS: the γ variants change only γ, so with the "
+                                       "null-space projection switched off above all four runs are MINGLE without "
+                                       "projection (γ is unused then) while labelled 'hard projection', 'γ = 1', …; "
+                                       "fix: give each γ variant 'projection': True")
+def test_continual_gamma_comparison_projects_even_when_projection_is_off_above(app):
+    at = continual_page(app, ["mingle"])
+    at.toggle(key="w.continual.continual.mingle.projection").set_value(False).run()
+    at.button(key="run_gamma").click().run()
+    assert_clean(at)
+    curves = [t for t in chart(at, "gamma_gates_chart")["data"] if t.get("mode") == "lines+markers"]
+    by_variant = {}
+    for t in curves:
+        by_variant.setdefault(t["name"], []).append(t["y"])
+    assert by_variant["γ = 0 (hard projection)"] != by_variant["no projection"]

@@ -295,3 +295,38 @@ def test_cli_continual_on_the_quick_zoo(quick_zoo):
     missing = subprocess.run([sys.executable, "-m", "engine", "continual", "--zoo", str(quick_zoo.root / "nope"),
                               "--method", "average"], capture_output=True, text=True, env=env, cwd=root, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1
+
+
+# ---- method_config: the one place the CLI and the app turn settings into a Config ---------------------
+
+
+def test_method_config_defaults_values_and_errors_that_name_the_setting():
+    from engine.continual import CONTINUAL_LABELS, continual_methods, method_config
+    from engine.errors import ConfigError
+
+    assert set(CONTINUAL_LABELS) == set(continual_methods())
+    assert method_config("mingle") == MingleConfig()
+    assert method_config("mingle", {}) == MingleConfig()
+    config = method_config("mingle", {"gamma": 3.0, "steps": 5, "projection": False, "layers": "all"})
+    assert isinstance(config, MingleConfig)
+    assert (config.gamma, config.steps, config.projection) == (3.0, 5, False)
+    assert config.rank == MingleConfig().rank  # the others stay at their defaults
+    for name, cls in continual_methods().items():
+        assert method_config(name) == cls.Config()
+
+    with pytest.raises(ConfigError, match="no setting 'gama'") as unknown:
+        method_config("mingle", {"gama": 1.0})
+    assert "MINGLE" in str(unknown.value) and "gamma" in str(unknown.value)  # lists what it has
+    with pytest.raises(ConfigError, match="γ") as bad:
+        method_config("mingle", {"gamma": -1.0})
+    assert "-1.0" in str(bad.value)
+    with pytest.raises(ConfigError, match="steps"):
+        method_config("mingle", {"steps": -5})
+    with pytest.raises(ConfigError, match="layers"):
+        method_config("mingle", {"layers": "some"})
+    with pytest.raises(ConfigError, match="unknown continual method 'mingel'"):
+        method_config("mingel", {})
+    ta_fields = {f for f in type(method_config("task-arithmetic")).__dataclass_fields__}
+    with pytest.raises(ConfigError, match="C-Task Arithmetic has no setting 'rank'"):
+        method_config("task-arithmetic", {"rank": 4})
+    assert "rank" not in ta_fields

@@ -271,3 +271,179 @@ def test_sweep_keeps_other_hyperparameters_and_flattens_methods_without_the_para
     assert fractions[-1] == 1.0 and fractions == sorted(fractions)
     fig = figures.sweep_lines([average, ties])
     assert "k" in fig.layout.title.text and len(fig.data) == 2
+
+
+# --------------------------------------------------------------------------- continual merging
+
+
+def _continual(method="mingle", label="MINGLE", matrix=None, order=("a", "b", "c"), acc=None, bwt=-5.0):
+    """A ContinualResult.to_json() by hand: accuracies in %, None above the diagonal (unseen tasks)."""
+    matrix = matrix or [[90.0, None, None], [80.0, 70.0, None], [60.0, 65.0, 85.0]]
+    last = matrix[-1]
+    return {"method": method, "label": label, "config": {}, "order": list(order), "acc_matrix": matrix,
+            "ACC": acc if acc is not None else sum(last) / len(last), "BWT": bwt, "FWT": None,
+            "timings": {"merge_total_s": 1.0}}
+
+
+def test_seen_average_is_the_mean_over_the_tasks_seen_so_far():
+    assert figures.seen_average([[50.0, None], [40.0, 60.0]]) == pytest.approx([50.0, 50.0])
+    # row i averages columns 0..i only: (80 + 70) / 2 = 75, (60 + 65 + 85) / 3 = 70
+    assert figures.seen_average(_continual()["acc_matrix"]) == pytest.approx([90.0, 75.0, 70.0])
+    assert figures.seen_average([[100.0]]) == [100.0]
+
+
+def test_continual_seen_average_lines_one_line_per_method_ending_at_acc():
+    results = [_continual(),
+               _continual("task-arithmetic", "C-Task Arithmetic",
+                          [[100.0, None, None], [50.0, 60.0, None], [30.0, 40.0, 50.0]], bwt=-40.0)]
+    fig = figures.continual_seen_average_lines(results)
+    assert_labelled(fig, y_unit="%")
+    assert [t.name for t in fig.data] == ["MINGLE (ACC 70.0 %)", "C-Task Arithmetic (ACC 40.0 %)"]
+    assert list(fig.data[0].y) == pytest.approx([90.0, 75.0, 70.0])
+    assert list(fig.data[1].y) == pytest.approx([100.0, 55.0, 40.0])
+    assert list(fig.data[0].x) == [1, 2, 3]
+    assert fig.data[0].y[-1] == pytest.approx(results[0]["ACC"])  # ACC is the last point
+    assert fig.data[0].line.color != fig.data[1].line.color
+    # each step's tick names the task merged at that step
+    assert [t.split("+")[-1] for t in fig.layout.xaxis.ticktext] == ["a", "b", "c"]
+
+
+def test_accuracy_matrix_heatmap_is_steps_by_tasks_with_blank_unseen_cells():
+    result = _continual(order=("digits", "shapes", "textures"))
+    fig = figures.accuracy_matrix_heatmap(result)
+    assert_labelled(fig)
+    heat = fig.data[0]
+    assert heat.type == "heatmap"
+    assert [list(row) for row in heat.z] == [[90.0, None, None], [80.0, 70.0, None], [60.0, 65.0, 85.0]]
+    assert list(heat.x) == ["digits", "shapes", "textures"]
+    assert len(heat.y) == 3 and heat.y[1].endswith("shapes")
+    assert (heat.zmin, heat.zmax) == (0, 100)
+    assert "ACC 70.0 %" in fig.layout.title.text and "BWT -5.0" in fig.layout.title.text
+    assert [list(row) for row in heat.text][0] == ["90", "", ""]  # no number printed in unseen cells
+    assert "BWT" not in figures.accuracy_matrix_heatmap(_continual(bwt=None)).layout.title.text
+
+
+def _gates(mean, std, gates=("a", "b", "c"), layers=("l1", "l2")):
+    return {"gate_tasks": list(gates), "eval_tasks": list(gates), "layers": list(layers), "mean": mean,
+            "std": std, "per_layer": {name: mean for name in layers}}
+
+
+def test_gate_activation_panels_one_panel_per_gate_with_own_task_marked():
+    run1 = _gates([[1.0, 0.1, 0.0], [0.2, 0.9, -0.1], [0.0, 0.3, 0.8]],
+                  [[0.1, 0.05, 0.0], [0.1, 0.1, 0.1], [0.0, 0.1, 0.2]])
+    # the second run leaves the paper's [-0.3, 1.3] range on both sides
+    run2 = _gates([[1.5, 0.0, 0.0], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]],
+                  [[0.4, 0.0, 0.0], [0.0, 0.0, 0.2], [0.0, 0.0, 0.0]])
+    fig = figures.gate_activation_panels({"γ = 0": run1, "γ = 1": run2})
+    assert_labelled(fig)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["gate 1 (trained on a)", "gate 2 (trained on b)", "gate 3 (trained on c)"]
+    # one grey own-task bar per gate, centred on that gate's own task in its own panel
+    shapes = fig.layout.shapes
+    assert len(shapes) == 3
+    assert [(s.x0 + s.x1) / 2 for s in shapes] == pytest.approx([0.0, 1.0, 2.0])
+    assert len({s.xref for s in shapes}) == 3
+    # each run is one legend entry (its band and other panels are grouped under it)
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == ["γ = 0", "γ = 1"]
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert len(lines) == 2 * 3
+    assert list(lines[3 + 1].y) == pytest.approx([0.0, 1.0, -0.5])  # run 2, gate 2
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 2 * 3
+    # band of run 2, gate 1: upper = mean + std, then lower = mean - std reversed
+    assert list(bands[3].y) == pytest.approx([1.9, 0.0, 0.0, 0.0, 0.0, 1.1])
+    lo, hi = fig.layout.yaxis.range
+    assert lo <= -0.7 and hi >= 1.9  # covers every mean ± std
+    assert lo > -0.7 - 0.2 and hi < 1.9 + 0.2  # with a small margin, not a blind autoscale
+
+
+def test_gate_layer_heatmap_picks_the_eval_task_column_of_every_layer():
+    stats = _gates([[0.0] * 3] * 3, [[0.0] * 3] * 3)
+    # per_layer[layer][gate][eval task]
+    stats["per_layer"] = {"l1": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]],
+                          "l2": [[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]]}
+    fig = figures.gate_layer_heatmap(stats, "b")
+    assert_labelled(fig)
+    heat = fig.data[0]
+    assert [list(r) for r in heat.z] == [[2.0, 5.0, 8.0], [-2.0, -5.0, -8.0]]
+    assert list(heat.y) == ["l1", "l2"] and list(heat.x) == ["1: a", "2: b", "3: c"]
+    assert heat.zmid == 0 and heat.zmax == pytest.approx(8.0) and heat.zmin == pytest.approx(-8.0)
+    own = fig.layout.shapes[0]
+    assert (own.x0, own.x1) == (0.5, 1.5)  # task b's own gate is column 2
+    assert "'b'" in fig.layout.title.text
+    with pytest.raises(ValueError):
+        figures.gate_layer_heatmap(stats, "not-a-task")
+
+
+# --------------------------------------------------------------------------- RI comparison
+
+
+def test_ri_accuracy_bars_absolute_and_normalised():
+    without = {"digits": 40.0, "shapes": 30.0}
+    with_ri = {"digits": 60.0, "shapes": 45.0}
+    individual = {"digits": 80.0, "shapes": 90.0}
+    fig = figures.ri_accuracy_bars(["digits", "shapes"], without, with_ri, individual, method_label="TIES")
+    assert_labelled(fig, y_unit="%")
+    assert list(trace(fig, "TIES, original experts").y) == pytest.approx([40.0, 30.0])
+    assert list(trace(fig, "TIES, RI-adapted experts").y) == pytest.approx([60.0, 45.0])
+    assert list(trace(fig, "individual expert").y) == pytest.approx([80.0, 90.0])
+    assert trace(fig, "TIES, original experts").marker.color != trace(fig, "TIES, RI-adapted experts").marker.color
+
+    norm = figures.ri_accuracy_bars(["digits", "shapes"], without, with_ri, individual, normalized=True,
+                                    method_label="TIES")
+    assert_labelled(norm, y_unit="%")
+    assert list(trace(norm, "TIES, original experts").y) == pytest.approx([100 * 40 / 80, 100 * 30 / 90])
+    assert list(trace(norm, "TIES, RI-adapted experts").y) == pytest.approx([100 * 60 / 80, 100 * 45 / 90])
+    assert all(t.name != "individual expert" for t in norm.data)  # the experts are 100 % there
+    assert "expert" in norm.layout.yaxis.title.text
+
+
+def test_interference_bars_show_each_variants_total_in_the_legend():
+    xi = {"original experts": {"digits": 0.5, "shapes": 0.25},
+          "RI-adapted experts": {"digits": 0.1, "shapes": 0.05}}
+    fig = figures.interference_bars(["digits", "shapes"], xi)
+    assert_labelled(fig)
+    assert "nats" in fig.layout.yaxis.title.text
+    assert [t.name for t in fig.data] == ["original experts (total 0.75)", "RI-adapted experts (total 0.15)"]
+    assert list(fig.data[0].y) == pytest.approx([0.5, 0.25]) and list(fig.data[1].y) == pytest.approx([0.1, 0.05])
+    assert list(fig.data[0].x) == ["digits", "shapes"]
+    assert fig.data[0].marker.color != fig.data[1].marker.color
+
+
+def _ri_sweep(method, label, avg, ri, varies=True):
+    r = _sweep(method, label, [0.2, 0.6, 1.0], avg, varies=varies)
+    r.extra["ri"] = ri
+    return r
+
+
+def test_sweep_lines_with_ri_draw_originals_dotted_in_the_same_colour():
+    results = [_ri_sweep("task-arithmetic", "Task Arithmetic", [50.0, 70.0, 40.0], False),
+               _ri_sweep("ties", "TIES", [40.0, 60.0, 75.0], False),
+               _ri_sweep("task-arithmetic", "Task Arithmetic", [55.0, 72.0, 60.0], True),
+               _ri_sweep("ties", "TIES", [45.0, 66.0, 76.0], True)]
+    fig = figures.sweep_lines(results)
+    assert_labelled(fig, y_unit="%")
+    assert sorted(t.name for t in fig.data) == ["TIES (original experts)", "TIES + RI",
+                                                "Task Arithmetic (original experts)", "Task Arithmetic + RI"]
+    for label in ("Task Arithmetic", "TIES"):
+        original, adapted = trace(fig, f"{label} (original experts)"), trace(fig, f"{label} + RI")
+        assert original.line.color == adapted.line.color
+        assert original.line.dash == "dot" and adapted.line.dash == "solid"
+    assert list(trace(fig, "TIES + RI").y) == pytest.approx([45.0, 66.0, 76.0])
+    assert list(trace(fig, "TIES (original experts)").y) == pytest.approx([40.0, 60.0, 75.0])
+    # as dicts (the app's stored results) the same; without any RI result no suffix at all
+    assert [t.name for t in figures.sweep_lines([r.to_json() for r in results]).data] == [t.name for t in fig.data]
+    plain = figures.sweep_lines(results[:2])
+    assert [t.name for t in plain.data] == ["Task Arithmetic", "TIES"]
+    assert all(t.line.dash == "solid" for t in plain.data)
+
+
+@pytest.mark.xfail(strict=True, reason="engine/figures.py sweep_lines colours a method outside METHOD_COLORS by its "
+                                       "index in `results`, so its '+ RI' line and its original get different "
+                                       "colours (fix: colour by the method's first index among distinct methods)")
+def test_sweep_lines_with_ri_same_colour_for_a_method_without_a_fixed_colour():
+    results = [_ri_sweep("my-method", "Mine", [50.0, 70.0, 40.0], False),
+               _ri_sweep("my-method", "Mine", [55.0, 72.0, 60.0], True)]
+    fig = figures.sweep_lines(results)
+    assert trace(fig, "Mine (original experts)").line.color == trace(fig, "Mine + RI").line.color

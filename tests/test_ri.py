@@ -291,3 +291,97 @@ def test_ri_and_interference_cli(zoo, adapted, tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr and again.stderr.count("\n") == 1
     bad = cli("ri", "--zoo", str(zoo.root), "--out", str(tmp_path / "x"), "--aux", "imagenet")
     assert bad.returncode == 2
+
+
+# ---- the app's cache of adapted zoos: a sibling folder per config, written atomically ------------
+
+CACHE_RI = dict(steps=2, batch_size=16, aux_size=64)
+
+
+@pytest.fixture
+def zoo_copy(quick_zoo, tmp_path):
+    """A private copy of the quick zoo, so the `<zoo>-ri-<hash>` siblings land in tmp_path."""
+    import shutil
+    from pathlib import Path
+
+    pytest.importorskip("engine.zoo.manifest", reason="the zoo manifest has not landed yet")
+    from engine.zoo.manifest import load_zoo
+
+    shutil.copytree(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path / "zoo")
+    return load_zoo(tmp_path / "zoo")
+
+
+def _siblings(zoo):
+    return sorted(p.name for p in zoo.root.parent.iterdir() if p.name != zoo.root.name)
+
+
+def test_ensure_adapted_zoo_builds_once_then_reads_the_cache(zoo_copy, monkeypatch):
+    import engine.methods.ri as ri
+    from engine.checkpoints import open_checkpoint
+
+    config = RIConfig(**CACHE_RI)
+    out = ri.adapted_zoo_dir(zoo_copy, config)
+    assert out.parent == zoo_copy.root.parent and out.name.startswith(f"{zoo_copy.root.name}-ri-")
+    assert ri.cached_adapted_zoo(zoo_copy, config) is None
+
+    calls = []
+    real = ri.adapt_zoo
+    monkeypatch.setattr(ri, "adapt_zoo", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fractions = []
+    adapted = ri.ensure_adapted_zoo(zoo_copy, config, progress=lambda f, m: fractions.append(f))
+    assert len(calls) == 1 and fractions and fractions[-1] == 1.0
+    assert adapted.root == out and out.is_dir()
+    assert _siblings(zoo_copy) == [out.name]  # renamed into place: no temporary folder left
+    record = ri.ri_record(adapted)
+    assert record["config"]["steps"] == 2 and record["source_zoo"] == str(zoo_copy.root)
+    assert set(record["adapted_accuracies"]) == set(zoo_copy.task_names())
+    task = zoo_copy.task_names()[0]
+    old, new = open_checkpoint(zoo_copy.expert_path(task)), open_checkpoint(adapted.expert_path(task))
+    assert any(not torch.equal(old.tensor(n), new.tensor(n)) for n in old.keys())  # the expert did move
+
+    # the second time it is read from disk: adapting again would raise
+    def no_second_run(*args, **kwargs):
+        raise AssertionError("adapted again although a finished copy exists")
+
+    monkeypatch.setattr(ri, "adapt_zoo", no_second_run)
+    cached = ri.cached_adapted_zoo(zoo_copy, config)
+    assert cached is not None and cached.root == out
+    assert ri.ensure_adapted_zoo(zoo_copy, RIConfig(**CACHE_RI)).root == out  # an equal config: same folder
+
+    other = RIConfig(**{**CACHE_RI, "steps": 3})
+    assert ri.adapted_zoo_dir(zoo_copy, other) != out
+    assert ri.adapted_zoo_dir(zoo_copy, RIConfig(**{**CACHE_RI, "aux": "noise"})) != out
+    assert ri.cached_adapted_zoo(zoo_copy, other) is None
+
+    # a folder without the RI record (a run stopped half-way) is not a cached copy
+    (out / "zoo.json").write_text((out / "zoo.json").read_text().replace('"ri"', '"not_ri"'))
+    assert ri.cached_adapted_zoo(zoo_copy, config) is None
+
+
+def test_a_failed_adaptation_leaves_no_folder_behind(zoo_copy, monkeypatch):
+    import engine.methods.ri as ri
+
+    config = RIConfig(**CACHE_RI)
+    seen = {}
+
+    def failing(zoo, out_dir, *args, **kwargs):
+        from pathlib import Path
+
+        seen["out_dir"] = Path(out_dir)
+        (Path(out_dir) / "experts").mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "experts" / "half-written.safetensors").write_bytes(b"\0" * 64)
+        raise ConfigError("the auxiliary images ran out")
+
+    monkeypatch.setattr(ri, "adapt_zoo", failing)
+    with pytest.raises(ConfigError, match="ran out"):
+        ri.ensure_adapted_zoo(zoo_copy, config)
+    out = ri.adapted_zoo_dir(zoo_copy, config)
+    # it wrote into a temporary sibling, not into the final folder, and cleaned that up
+    assert seen["out_dir"].parent == out.parent and seen["out_dir"].name.startswith(f".{out.name}")
+    assert not out.exists() and not seen["out_dir"].exists()
+    assert _siblings(zoo_copy) == []
+    assert not [p for p in zoo_copy.root.parent.iterdir() if p.name.startswith(f".{zoo_copy.root.name}")]
+    assert ri.cached_adapted_zoo(zoo_copy, config) is None
+    with pytest.raises(ConfigError, match="steps"):  # a bad config is refused before anything is written
+        ri.ensure_adapted_zoo(zoo_copy, RIConfig(steps=-1))
+    assert _siblings(zoo_copy) == []
