@@ -392,7 +392,9 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
     # RI comparison: results with extra["ri"] True are merges of RI-adapted experts; their originals
     # are then drawn dotted in the same colour.
     has_ri = any((r.get("extra") or {}).get("ri") for r in results)
-    for i, r in enumerate(results):
+    # One colour per method (not per line), so a method's RI and original lines match.
+    color_index = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in results))}
+    for r in results:
         ri = bool((r.get("extra") or {}).get("ri"))
         label = r.get("label", r["method"]) + (" + RI" if ri else " (original experts)" if has_ri else "")
         params.add(r["param"])
@@ -407,8 +409,8 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
         fig.add_scatter(
             name=label + ("" if varies else f" (has no {PARAM_SYMBOLS.get(r['param'], r['param'])})"),
             x=list(r["values"]), y=y, mode="lines+markers" if varies else "lines",
-            line=dict(color=_method_color(r["method"], i),
-                      dash="dash" if not varies else "dot" if has_ri and not ri else "solid"),
+            line=dict(color=_method_color(r["method"], color_index[r["method"]]),
+                      dash="dot" if has_ri and not ri else "solid" if varies else "dash"),
             hovertemplate="%{x:g}: %{y:.1f} %<extra>" + label + "</extra>",
         )
     if normalized:
@@ -489,13 +491,14 @@ def accuracy_matrix_heatmap(result: Mapping[str, Any]) -> go.Figure:
                    yaxis_autorange="reversed", height=max(380, 200 + 36 * len(order)))
 
 
-def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]], *, paper_range: bool = False) -> go.Figure:
     """MINGLE gate activations (methods.md §4.14, the paper's Fig. 3): one panel per gate j.
 
     x: evaluated task in merge order; y: the gate's raw output averaged over tokens and images, then
     over layers, with a band of ± std across layers. The grey bar marks the gate's own task. `runs`
     maps a curve label (e.g. "γ = 1", "no projection") to a GateStats JSON, so several variants can
-    share each panel.
+    share each panel. The y range fits the data (with 0 in view); `paper_range` uses the paper's fixed
+    [−0.3, 1.3] instead (widened if the data leave it), which flattens the small gates of a tiny zoo.
     """
     from plotly.subplots import make_subplots
 
@@ -507,7 +510,7 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]]) -> go.Figure:
                         vertical_spacing=0.16 if n_rows > 1 else 0.1,
                         subplot_titles=[f"gate {j + 1} (trained on {t})" for j, t in enumerate(gates)])
     xs = list(range(len(evals)))
-    lo, hi = -0.3, 1.3  # the paper's range, widened when the data leave it
+    lo, hi = (-0.3, 1.3) if paper_range else (0.0, 0.0)
     for c, (label, stats) in enumerate(runs.items()):
         color = _CYCLE[c % len(_CYCLE)]
         for j in range(len(gates)):
@@ -516,7 +519,8 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]]) -> go.Figure:
             upper = [m + s for m, s in zip(mean, std)]
             lower = [m - s for m, s in zip(mean, std)]
             lo, hi = min(lo, *lower), max(hi, *upper)
-            fig.add_scatter(x=xs + xs[::-1], y=upper + lower[::-1], fill="toself", fillcolor=color, opacity=0.15,
+            fig.add_scatter(x=xs + xs[::-1], y=upper + lower[::-1], mode="lines", fill="toself", fillcolor=color,
+                            opacity=0.15,
                             line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=label,
                             row=row, col=col)
             fig.add_scatter(name=label, x=xs, y=mean, mode="lines+markers", line=dict(color=color),
@@ -528,7 +532,7 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]]) -> go.Figure:
         fig.add_vrect(x0=j - 0.4, x1=j + 0.4, fillcolor=COLORS["pretrained"], opacity=0.3, line_width=0,
                       row=row, col=col)
         fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=evals, tickangle=-45, row=row, col=col)
-    pad = 0.05 * (hi - lo)
+    pad = 0.05 * (hi - lo) or 0.05
     fig.update_yaxes(range=[lo - pad, hi + pad])
     for row in range(1, n_rows + 1):
         fig.update_yaxes(title_text="mean gate output (unitless)", row=row, col=1)
@@ -548,7 +552,7 @@ def gate_layer_heatmap(stats: Mapping[str, Any], eval_task: str) -> go.Figure:
     columns = [f"{j + 1}: {t}" for j, t in enumerate(gates)]
     bound = max([abs(v) for row in z for v in row] + [1e-9])
     fig = go.Figure(go.Heatmap(
-        z=z, x=columns, y=layers, colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound,
+        z=z, x=columns, y=layers, colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound,  # red = positive
         colorbar=dict(title=dict(text="mean gate<br>output")),
         hovertemplate="layer %{y}<br>gate %{x}: %{z:.3f}<extra></extra>",
     ))

@@ -17,9 +17,11 @@ from pages import _shared as shared
 MINGLE_FIELDS = ("rank", "gamma", "beta", "subspace_k", "steps", "seeds_per_class", "layers", "projection")
 BASELINES = ("average", "task-arithmetic", "ties", "magmax", "opcm")
 DEFAULT_METHODS = ["mingle", "opcm", "task-arithmetic"]
-# The γ comparison (methods.md §4.14): MINGLE as set above, changing only these.
-GAMMA_VARIANTS = {"no projection": {"projection": False}, "γ = 0 (hard projection)": {"gamma": 0.0},
-                  "γ = 1": {"gamma": 1.0}, "γ = 3": {"gamma": 3.0}}
+# The γ comparison (methods.md §4.14): MINGLE as set above, changing only these (projection is
+# switched on for the γ variants: γ means nothing without it).
+GAMMA_VARIANTS = {"no projection": {"projection": False},
+                  "γ = 0 (hard projection)": {"gamma": 0.0, "projection": True},
+                  "γ = 1": {"gamma": 1.0, "projection": True}, "γ = 3": {"gamma": 3.0, "projection": True}}
 STORE_SIZE = 64
 
 shared.start_page("continual")
@@ -134,7 +136,11 @@ else:
     mingle = next((r for r in results if r["method"] == "mingle" and r.get("gates")), None)
     if mingle is not None:
         st.subheader("MINGLE's gates")
-        st.plotly_chart(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]}),
+        paper_range = shared.bind(st.toggle, "gate_paper_range", False, "Paper's y range (−0.3 to 1.3)",
+                                  url_key="", help="Draw the gate panels on the MINGLE paper's fixed scale instead "
+                                                   "of zooming in on the values (the demo zoo's gates are small).")
+        st.plotly_chart(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]},
+                                                       paper_range=paper_range),
                         key="gate_panels_chart", config={"displaylogo": False})
         shared.what_am_i_looking_at(
             "each panel is one gate, trained when its task arrived (grey bar). The curve is the gate's average "
@@ -164,7 +170,8 @@ if len(gamma_runs) == len(gamma_specs):
     st.dataframe([{"variant": label, "ACC (%)": round(r["ACC"], 1),
                    "BWT (points)": None if r["BWT"] is None else round(r["BWT"], 2)}
                   for label, r in gamma_runs.items()], hide_index=True, width="stretch")
-    st.plotly_chart(figures.gate_activation_panels({label: r["gates"] for label, r in gamma_runs.items()}),
+    st.plotly_chart(figures.gate_activation_panels({label: r["gates"] for label, r in gamma_runs.items()},
+                                                   paper_range=shared.settings().get("gate_paper_range", False)),
                     key="gamma_gates_chart", config={"displaylogo": False})
     shared.what_am_i_looking_at(
         "the paper's Fig. 3 on this zoo: every gate's output on each task's images, one curve per variant. "

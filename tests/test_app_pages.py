@@ -579,9 +579,12 @@ def test_sweep_page_ri_switch_draws_every_method_with_and_without_ri(app):
         original = trace(fig, f"{label} (original experts)")
         assert original["line"]["color"] == ri_line["line"]["color"]
         assert original["x"] == ri_line["x"] and len(original["y"]) == 3
-        if ri_line["mode"] == "lines+markers":  # a method with λ: originals dotted, RI solid
-            assert original["line"]["dash"] == "dot" and ri_line["line"]["dash"] == "solid"
+        assert original["line"]["dash"] == "dot"  # originals dotted, whether or not the method has λ
+        if ri_line["mode"] == "lines+markers":  # a method with λ: RI solid
+            assert ri_line["line"]["dash"] == "solid"
             assert original["y"] != ri_line["y"]  # different experts, different accuracies
+        else:  # no λ: a flat dashed line
+            assert ri_line["line"]["dash"] == "dash"
     assert sum(t["mode"] == "lines+markers" for t in adapted) >= 2  # TIES and Task Arithmetic sweep λ
 
     rows = table(at)
@@ -593,10 +596,6 @@ def test_sweep_page_ri_switch_draws_every_method_with_and_without_ri(app):
     assert qp(at, "ri") == "1" and qp(at, "ri_steps") == str(RI_TEST_STEPS)
 
 
-@pytest.mark.xfail(strict=True, reason="pages/continual.py GAMMA_VARIANTS: the γ variants change only γ, so with the "
-                                       "null-space projection switched off above all four runs are MINGLE without "
-                                       "projection (γ is unused then) while labelled 'hard projection', 'γ = 1', …; "
-                                       "fix: give each γ variant 'projection': True")
 def test_continual_gamma_comparison_projects_even_when_projection_is_off_above(app):
     at = continual_page(app, ["mingle"])
     at.toggle(key="w.continual.continual.mingle.projection").set_value(False).run()

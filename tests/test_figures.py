@@ -439,9 +439,6 @@ def test_sweep_lines_with_ri_draw_originals_dotted_in_the_same_colour():
     assert all(t.line.dash == "solid" for t in plain.data)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/figures.py sweep_lines colours a method outside METHOD_COLORS by its "
-                                       "index in `results`, so its '+ RI' line and its original get different "
-                                       "colours (fix: colour by the method's first index among distinct methods)")
 def test_sweep_lines_with_ri_same_colour_for_a_method_without_a_fixed_colour():
     results = [_ri_sweep("my-method", "Mine", [50.0, 70.0, 40.0], False),
                _ri_sweep("my-method", "Mine", [55.0, 72.0, 60.0], True)]
