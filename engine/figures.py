@@ -116,7 +116,7 @@ def accuracy_bars(
     else:
         y_title, title = "top-1 accuracy (%)", "Per-task accuracy: merged vs individual experts vs pretrained"
     top = max([v for tr in fig.data for v in tr.y if v is not None] + [100.0])
-    return _finish(fig, title, "task", y_title, barmode="group", yaxis_range=[0, top * 1.12])
+    return _finish(fig, title, "task", y_title, barmode="group", legend="bottom", yaxis_range=[0, top * 1.12])
 
 
 # --------------------------------------------------------------------------- sign conflicts
@@ -588,7 +588,7 @@ def ri_accuracy_bars(tasks: Sequence[str], without_ri: Mapping[str, float], with
     top = max([v for tr in fig.data for v in tr.y if v is not None] + [100.0])
     y_title = "accuracy / expert accuracy (%)" if normalized else "top-1 accuracy (%)"
     return _finish(fig, "Per-task accuracy with and without RI (same merge, same hyperparameters)", "task",
-                   y_title, barmode="group", yaxis_range=[0, top * 1.12])
+                   y_title, barmode="group", legend="bottom", yaxis_range=[0, top * 1.12])
 
 
 def interference_bars(tasks: Sequence[str], xi_by_variant: Mapping[str, Mapping[str, float]]) -> go.Figure:
@@ -602,5 +602,5 @@ def interference_bars(tasks: Sequence[str], xi_by_variant: Mapping[str, Mapping[
                     marker_color=colors[i % len(colors)], hovertemplate="%{x}: %{y:.3f} nats<extra>" + label +
                     "</extra>")
     return _finish(fig, "Interference ξ per task: how far the merge's predictions are from each expert's",
-                   "task", "ξ_t: KL(expert ‖ merged) per test image (nats)", barmode="group",
+                   "task", "ξ_t: KL(expert ‖ merged) per test image (nats)", barmode="group", legend="bottom",
                    yaxis_rangemode="tozero")

@@ -146,7 +146,8 @@ if varying:
                         format_func=labels.get, valid=lambda v: v in labels,
                         help="Show every task's accuracy for one method.")
     chosen = next(r for r in varying if variant(r)[0] == which)
-    st.plotly_chart(figures.sweep_per_task_lines(chosen, normalized=normalized, individual=ref["individual"]),
+    st.plotly_chart(figures.sweep_per_task_lines({**chosen, "label": labels[which]}, normalized=normalized,
+                                                 individual=ref["individual"]),
                     key="sweep_per_task_chart", config={"displaylogo": False})
     shared.what_am_i_looking_at(
         "the same sweep for one method, one line per task. Tasks rarely peak at the same value: the best "

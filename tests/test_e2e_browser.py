@@ -3,7 +3,8 @@ through Debian's headless Chromium (never a downloaded browser).
 
 A user's walk: open the app on the quick zoo, go to Merge, pick TIES, nudge λ (the time from key
 press to redrawn chart is recorded, not asserted), check the accuracy chart, then Interference
-(conflict plots, heatmap view) and Sweep. Each step asserts that no exception box or traceback text
+(conflict plots, heatmap view) and Sweep; then the Continual page (MINGLE next to a baseline) and
+the RI-adapted experts on Merge and Sweep. Each step asserts that no exception box or traceback text
 is on screen and saves a screenshot under test-artifacts/ (git-ignored).
 
 Skipped with a reason only where /usr/bin/chromium is missing and CI is not set; in CI (CI=true,
@@ -272,4 +273,49 @@ def test_a_shared_link_reopens_the_same_view(server, browser):
     assert page.locator('[data-testid="stSlider"]', has_text="λ (scaling)").get_by_text("0.60").count() >= 1
     assert any("normalised" in t for t in chart_titles(page))
     assert_no_error_text(page)
+    page.close()
+
+
+def test_continual_and_ri_in_chromium(server, browser):
+    """Continual: run MINGLE next to C-Task Arithmetic; then RI-adapted experts on Merge and Sweep.
+
+    Settings come in through links (few adaptation steps, so it stays quick); the clicks are a user's.
+    """
+    page = browser.new_page(viewport={"width": 1400, "height": 3000})
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page.goto(f"{server}/continual?cmethods=mingle,task-arithmetic&steps=5")
+    settle(page)
+    page.get_by_role("heading", name="Continual merging").wait_for()
+    page.get_by_role("button", name="Run continual merging").click()
+    settle(page)
+    wait_for_charts(page, 4)
+    titles = chart_titles(page)
+    assert any("Average accuracy over the tasks seen so far" in t for t in titles), titles
+    assert any("Accuracy matrix, MINGLE" in t for t in titles), titles
+    assert any("Gate activations per evaluated task" in t for t in titles), titles
+    assert any("Gate outputs per layer" in t for t in titles), titles
+    assert page.get_by_text("C-Task Arithmetic").count() >= 1
+    assert_no_error_text(page)
+    shot(page, "6-continual")
+
+    page.goto(f"{server}/merge?method=ties&ri=1&ri_steps=10")
+    settle(page)
+    page.get_by_role("heading", name="With and without RI").wait_for()
+    wait_for_charts(page, 3)
+    titles = chart_titles(page)
+    assert any("with and without RI" in t for t in titles), titles
+    assert any("Interference ξ per task" in t for t in titles), titles
+    assert page.get_by_text("Average, RI-adapted experts").count() >= 1
+    assert_no_error_text(page)
+    shot(page, "7-merge-ri")
+
+    page.goto(f"{server}/sweep?ri=1&ri_steps=10&points=3")
+    settle(page)
+    page.get_by_role("button", name="Run sweep").click()
+    settle(page)
+    wait_for_charts(page, 2)
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "TIES-Merging + RI" in legend and "TIES-Merging (original experts)" in legend, legend
+    assert_no_error_text(page)
+    shot(page, "8-sweep-ri")
     page.close()
