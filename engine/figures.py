@@ -537,9 +537,13 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]], *, paper_range
     for row in range(1, n_rows + 1):
         fig.update_yaxes(title_text="mean gate output (unitless)", row=row, col=1)
     fig.update_xaxes(title_text="evaluated task (merge order)", row=n_rows)
+    height = 330 * n_rows + 150
+    plot_height = height - 140 - _LAYOUT["margin"]["b"]
+    layout = {**_LAYOUT, "margin": {**_LAYOUT["margin"], "t": 140}}
+    # The legend sits above the first row's panel titles (about 36 px), not on them.
     fig.update_layout(title=dict(text="Gate activations per evaluated task (grey: the gate's own task; "
                                       "band: ± std across layers)", x=0.0, xanchor="left"),
-                      legend=_LEGENDS["top"], height=330 * n_rows + 120, **_LAYOUT)
+                      legend={**_LEGENDS["top"], "y": 1.0 + 36 / plot_height}, height=height, **layout)
     return fig
 
 
