@@ -253,13 +253,13 @@ class MingleContinual:
     name = "mingle"
     Config = MingleConfig
 
-    def __init__(self, config=None, model_config: Mapping | None = None) -> None:
+    def __init__(self, config=None, model_config: Mapping | None = None, device: str | torch.device = "cpu") -> None:
         from .methods.mingle import Mingle
 
         self.config = config or MingleConfig()
         if model_config is None:
             raise ConfigError("MINGLE needs the zoo's model_config (open_clip VisionTransformer kwargs)")
-        self.mingle = Mingle(model_config, self.config)
+        self.mingle = Mingle(model_config, self.config, device=device)
 
     def init(self, theta0: StateDict) -> None:
         self.mingle.init(theta0)
@@ -293,10 +293,13 @@ def method_config(name: str, values: Mapping[str, Any] | None = None) -> Any:
     return config
 
 
-def make_method(name: str, config: Any = None, model_config: Mapping | None = None):
+def make_method(name: str, config: Any = None, model_config: Mapping | None = None,
+                device: str | torch.device = "cpu"):
+    """A fresh continual method. Only MINGLE computes on `device` while merging; the weight-space
+    baselines merge on the CPU (a few vector operations per step) and are evaluated on `device`."""
     cls = _method_class(name)
     if name == "mingle":
-        return MingleContinual(config, model_config)
+        return MingleContinual(config, model_config, device=device)
     return cls(config)
 
 
@@ -312,7 +315,7 @@ def accuracy_pct(encoder: nn.Module, head: Head, images: torch.Tensor, labels: t
     correct = 0
     for start in range(0, len(images), batch_size):
         logits = head(encoder(images[start:start + batch_size]))
-        correct += int((logits.argmax(-1) == labels[start:start + batch_size]).sum())
+        correct += int((logits.argmax(-1) == labels[start:start + batch_size].to(logits.device)).sum())
     return 100.0 * correct / max(len(images), 1)
 
 
@@ -351,8 +354,12 @@ class ContinualResult:
 
 def run_continual(source: ContinualSource, method, order: Sequence[str], *, seeds_per_class: int = 5,
                   seed: int = 0, eval_batch_size: int = 128, gate_stats: bool = False,
-                  progress: Callable[[float, str], None] | None = None) -> ContinualResult:
-    """One order: merge task by task, evaluating on every task seen so far after each step."""
+                  progress: Callable[[float, str], None] | None = None,
+                  device: str | torch.device = "cpu") -> ContinualResult:
+    """One order: merge task by task, evaluating on every task seen so far after each step.
+
+    Test sets are moved to `device` once; a method's merged state dict is evaluated there too.
+    """
     from .methods.mingle import build_encoder
 
     unknown = [t for t in order if t not in source.tasks]
@@ -363,7 +370,8 @@ def run_continual(source: ContinualSource, method, order: Sequence[str], *, seed
     n = len(order)
     matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
     timings: dict[str, Any] = {"merge_s": [], "eval_s": []}
-    test_sets = {task: source.test_set(task) for task in order}
+    device = torch.device(device)
+    test_sets = {task: tuple(x.to(device) for x in source.test_set(task)) for task in order}
     heads = {task: source.head(task) for task in order}
     merged = None
     for i, task in enumerate(order):
@@ -372,8 +380,8 @@ def run_continual(source: ContinualSource, method, order: Sequence[str], *, seed
         images, labels = test_sets[task]
         seed_idx = select_seed_indices(labels, seeds_per_class, _task_seed(seed, task))
         clock = time.perf_counter()
-        merged = method.step(task, source.theta(task), images[seed_idx], heads[task])
-        encoder = merged if isinstance(merged, nn.Module) else build_encoder(source.model_config, merged)
+        merged = method.step(task, source.theta(task), images[seed_idx.to(images.device)], heads[task])
+        encoder = merged if isinstance(merged, nn.Module) else build_encoder(source.model_config, merged).to(device)
         timings["merge_s"].append(time.perf_counter() - clock)
         clock = time.perf_counter()
         for j in range(i + 1):
@@ -486,7 +494,8 @@ class ZooSource:
             self._heads = {t: h.float() for t, h in evaluate.zoo_heads(self.zoo).items()}
         weights = torch.nn.functional.normalize(self._heads[task], dim=-1)
         scale = float(self.zoo.logit_scale)
-        return lambda features: scale * torch.nn.functional.normalize(features, dim=-1) @ weights.T
+        # `.to` is free when the features are on the CPU and copies a small (classes × D) matrix on a GPU.
+        return lambda features: scale * torch.nn.functional.normalize(features, dim=-1) @ weights.to(features.device).T
 
     def finetuned_accuracy(self, task: str) -> float | None:
         """The expert's own accuracy in % from the manifest (None while the zoo is being measured)."""

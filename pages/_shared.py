@@ -527,6 +527,7 @@ def ri_active(act: Active, values: dict[str, Any]) -> Active:
                 _RI_LOCK.acquire()
         try:
             bar = st.progress(0.0, text="Adapting every expert with RI (first time only; kept on disk)…")
+            # On the CPU: RI's writing and evaluation of adapted experts has not been run on a GPU yet.
             adapted = ensure_adapted_zoo(act.zoo, config, progress=lambda f, msg: bar.progress(
                 min(max(float(f), 0.0), 1.0), text=f"RI: {msg}"))
             bar.empty()

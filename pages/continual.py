@@ -11,6 +11,7 @@ import streamlit as st
 from engine import figures
 from engine.continual import (CONTINUAL_LABELS, MingleContinual, PAPER_ORDER_SEEDS, continual_methods,
                               make_method, method_config, run_continual, task_order)
+from engine.device import resolve_device
 from engine.errors import MergeExplorerError
 from pages import _shared as shared
 
@@ -77,6 +78,7 @@ def run_all(specs: list[tuple[str, str, dict]], what: str) -> None:
     if not missing:
         return
     source = shared.continual_source(act.key, tuple(tasks), act)
+    device = resolve_device("auto")  # CUDA when present, as the sidebar says
     bar = st.progress(0.0, text=f"Starting {what}…")
     try:
         for i, (label, name, values) in enumerate(missing):
@@ -84,9 +86,9 @@ def run_all(specs: list[tuple[str, str, dict]], what: str) -> None:
                 bar.progress(min(1.0, (_i + fraction) / len(missing)),
                              text=f"{_label} ({_i + 1}/{len(missing)}): {message}")
 
-            method = make_method(name, method_config(name, values), source.model_config)
+            method = make_method(name, method_config(name, values), source.model_config, device=device)
             result = run_continual(source, method, order, seeds_per_class=int(values.get("seeds_per_class", 5)),
-                                   gate_stats=name == "mingle", progress=progress)
+                                   gate_stats=name == "mingle", progress=progress, device=device)
             shared.remember(store, run_key(name, values), {**result.to_json(), "label": CONTINUAL_LABELS[name]},
                             STORE_SIZE)
     except MergeExplorerError as exc:

@@ -295,6 +295,23 @@ def test_cli_continual_on_the_quick_zoo(quick_zoo):
     missing = subprocess.run([sys.executable, "-m", "engine", "continual", "--zoo", str(quick_zoo.root / "nope"),
                               "--method", "average"], capture_output=True, text=True, env=env, cwd=root, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error:") and missing.stderr.count("\n") == 1
+    bad_device = subprocess.run([sys.executable, "-m", "engine", "continual", "--zoo", str(quick_zoo.root),
+                                 "--method", "average", "--device", "tpu"], capture_output=True, text=True, env=env,
+                                cwd=root, timeout=120)
+    assert bad_device.returncode == 2 and "tpu" in bad_device.stderr and bad_device.stderr.count("\n") == 1
+
+
+def test_mingle_on_an_explicit_device_matches_the_default(zoo_source):
+    """The device plumbing (encoder, experts, gates, subspaces moved to `device`) changes no number on
+    the CPU; the CUDA path is the same code with another device (benchmarks/mingle_vitb32.py)."""
+    order = zoo_source.tasks[:2]
+    config = MingleConfig(steps=3, seeds_per_class=2)
+    default = run_continual(zoo_source, make_method("mingle", config, zoo_source.model_config), order,
+                            seeds_per_class=2, gate_stats=True)
+    explicit = run_continual(zoo_source, make_method("mingle", config, zoo_source.model_config, device="cpu"), order,
+                             seeds_per_class=2, gate_stats=True, device=torch.device("cpu"))
+    assert explicit.acc_matrix == default.acc_matrix
+    assert explicit.gates["mean"] == default.gates["mean"]
 
 
 # ---- method_config: the one place the CLI and the app turn settings into a Config ---------------------

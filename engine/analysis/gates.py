@@ -57,7 +57,7 @@ def gate_activations(encoder, images_by_task: Mapping[str, torch.Tensor], *, gat
     def hook(index):
         def fn(module, inputs):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
-            sums[index, :, current["task"]] += module.gate_values(x).sum(0).double().numpy()
+            sums[index, :, current["task"]] += module.gate_values(x).sum(0).double().cpu().numpy()
             if index == 0:
                 counts[current["task"]] += x.shape[0]
         return fn
@@ -66,7 +66,7 @@ def gate_activations(encoder, images_by_task: Mapping[str, torch.Tensor], *, gat
     try:
         for k, task in enumerate(eval_tasks):
             current["task"] = k
-            images = images_by_task[task]
+            images = images_by_task[task].to(modules[0].weight.device) if modules else images_by_task[task]
             for start in range(0, len(images), batch_size):
                 encoder(images[start:start + batch_size])
     finally:

@@ -49,6 +49,8 @@ def register(subparsers) -> None:
     b.add_argument("--alpha", type=float, default=0.5, help="opcm: singular-mass split α (0.5)")
     parser.add_argument("--eval-batch-size", type=int, default=128, help="evaluation batch (128; MINGLE routes per batch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of seed-image selection, gate init and loader")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu or cuda[:N]: where MINGLE adapts and models are evaluated")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared CPU a second OpenMP thread mostly waits)")
     parser.add_argument("--json", action="store_true", help="print the full JSON result")
@@ -81,7 +83,7 @@ def _method_factory(args, model_config):
     from ..continual import make_method, method_config
 
     config = method_config(args.method, _method_values(args))  # fails before any work
-    return lambda: make_method(args.method, config, model_config)
+    return lambda: make_method(args.method, config, model_config, device=args.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ConfigError("--threads must be at least 1")
     torch.set_num_threads(args.threads)
+    from ..device import resolve_device
+
+    args.device = resolve_device(args.device)
     source = ZooSource.from_dir(args.zoo, tasks=args.tasks)
     factory = _method_factory(args, source.model_config)  # validates the config before any work
     results = {}
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         order = task_order(source.tasks, seed)
         start = time.perf_counter()
         results[seed] = run_continual(source, factory(), order, seeds_per_class=args.seeds_per_class, seed=args.seed,
-                                      eval_batch_size=args.eval_batch_size,
+                                      eval_batch_size=args.eval_batch_size, device=args.device,
                                       gate_stats=args.method == "mingle" and not args.no_gates and not args.static)
         if not args.json:
             r = results[seed]

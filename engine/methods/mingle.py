@@ -239,10 +239,11 @@ class GatedLinear(nn.Module):
         else:
             self.expert_b = torch.cat([self.expert_b, b[None].float()], 0)
             self.expert_a = torch.cat([self.expert_a, a[None].float()], 0)
+        # Drawn on the CPU generator whatever the device, so a seed gives the same gates on CPU and GPU.
         w = torch.randn(1, self.in_features, generator=generator) * init_std if init_std > 0 else \
             torch.zeros(1, self.in_features)
-        self.gate_w = nn.Parameter(w)
-        self.gate_b = nn.Parameter(torch.zeros(1))
+        self.gate_w = nn.Parameter(w.to(self.weight.device))
+        self.gate_b = nn.Parameter(torch.zeros(1, device=self.weight.device))
 
     def gate_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All gates as (T, d_in), (T,): frozen rows, then the trainable newest one."""
@@ -424,12 +425,16 @@ class Mingle:
     """The continual merger: `init(θ_0)`, then `step(task, θ_t, seed images, head)` once per task.
 
     `model_config` is the open_clip VisionTransformer kwargs; `head(features) -> logits` is task t's
-    frozen head at logit scale 100, used for both student and teacher (methods.md §4.5).
+    frozen head at logit scale 100, used for both student and teacher (methods.md §4.5). Everything
+    (encoder, experts, gates, subspaces) lives on `device`; checkpoints and seed images may arrive on
+    the CPU and are moved there. Random draws use a CPU generator, so results do not depend on it.
     """
 
-    def __init__(self, model_config: Mapping, config: MingleConfig | None = None) -> None:
+    def __init__(self, model_config: Mapping, config: MingleConfig | None = None,
+                 device: str | torch.device = "cpu") -> None:
         self.config = config or MingleConfig()
         validate_config(self.config)
+        self.device = torch.device(device)
         self.model_config = dict(model_config)
         self.encoder: MingleEncoder | None = None
         self.theta0: dict[str, torch.Tensor] | None = None
@@ -441,9 +446,11 @@ class Mingle:
     def init(self, theta0: Mapping[str, torch.Tensor]) -> None:
         self.theta0 = {k: v for k, v in theta0.items()}
         self.encoder = MingleEncoder.from_state_dict(self.model_config, self.theta0, self.config.layers)
+        self.encoder.to(self.device)
         self.encoder.set_batch_reduce(self.config.batch_reduce)
         self.encoder.set_static(self.config.static_coef if self.config.static else None)
-        self.bases = {n: torch.zeros(m.in_features, 0) for n, m in zip(self.encoder.selected, self.encoder.gated())}
+        self.bases = {n: torch.zeros(m.in_features, 0, device=self.device)
+                      for n, m in zip(self.encoder.selected, self.encoder.gated())}
         self.tasks, self.logs = [], []
 
     # -- experts ---------------------------------------------------------------------------------
@@ -453,7 +460,7 @@ class Mingle:
         for name in self.encoder.selected:
             layer = self.encoder.linears[name]
             key = f"{name}.weight"
-            delta = theta_t[key].float() - self.theta0[key].float()
+            delta = theta_t[key].to(self.device).float() - self.theta0[key].to(self.device).float()
             delta = project_out_previous(delta, layer.expert_sum())
             b, a = low_rank_expert(delta, self.config.rank)
             layer.add_expert(b, a, init_std=self.config.gate_init_std, generator=self.generator)
@@ -467,11 +474,11 @@ class Mingle:
             return []
         optimiser = torch.optim.Adam(params, lr=cfg.lr)
         project = cfg.projection and len(self.tasks) > 0  # nothing is protected at t = 1 (§4.9 item 8)
-        scores = {n: torch.zeros(self.bases[n].shape[1]) for n in enc.selected}  # S reset every task
+        scores = {n: torch.zeros(self.bases[n].shape[1], device=self.device) for n in enc.selected}  # reset per task
         batches = _cycling_batches(len(seed_images), cfg.batch_size, self.generator)
         losses = []
         for _ in range(cfg.steps):
-            idx = next(batches)
+            idx = next(batches).to(seed_images.device)
             loss = distillation_loss(head(enc(seed_images[idx])), teacher_logits[idx], cfg.temperature)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -495,7 +502,8 @@ class Mingle:
         cfg, enc = self.config, self.encoder
         if cfg.subspace_k == 0:
             return
-        moments = {n: torch.zeros(m.in_features, m.in_features) for n, m in zip(enc.selected, enc.gated())}
+        moments = {n: torch.zeros(m.in_features, m.in_features, device=self.device)
+                   for n, m in zip(enc.selected, enc.gated())}
 
         def hook(name):
             def fn(module, inputs):
@@ -524,6 +532,7 @@ class Mingle:
         import time
 
         seconds: dict[str, float] = {}
+        seed_images = seed_images.to(self.device)
         clock = time.perf_counter()
         self.add_experts(theta_t)
         seconds["experts"] = time.perf_counter() - clock
@@ -532,7 +541,7 @@ class Mingle:
             clock = time.perf_counter()
             with torch.no_grad():
                 if teacher is None:
-                    teacher_encoder = build_encoder(self.model_config, theta_t)
+                    teacher_encoder = build_encoder(self.model_config, theta_t).to(self.device)
                     teacher = lambda x: head(teacher_encoder(x))  # noqa: E731
                 teacher_logits = torch.cat([teacher(seed_images[i:i + 256]) for i in range(0, len(seed_images), 256)])
             seconds["teacher"] = time.perf_counter() - clock
