@@ -12,7 +12,7 @@ from engine.methods.ri import ri_record
 from pages import _shared as shared
 
 
-def show_ri_comparison(shown: dict, individual: dict, normalized: bool) -> None:
+def show_ri_comparison(act: shared.Active, shown: dict, individual: dict, normalized: bool) -> None:
     """The same merge of the original and of the RI-adapted experts: accuracy and ξ per task."""
     ri_act = shared.ri_active(act, shown["ri"])
     config_json = json.dumps(shown["config"], sort_keys=True)
@@ -126,7 +126,7 @@ with results:
             + (" Normalised: every bar is divided by the expert's accuracy." if normalized else ""))
 
         if shown.get("ri") is not None:
-            show_ri_comparison(shown, individual, normalized)
+            show_ri_comparison(act, shown, individual, normalized)
 
     if act.zoo is None or shown is not None:
         dl_tasks = shown["tasks"] if shown else tasks
