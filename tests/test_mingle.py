@@ -119,6 +119,47 @@ def test_subspace_is_top_k_of_the_second_moment_and_accumulates_by_qr():
     assert capped.shape == (6, 6)
 
 
+def test_top_subspace_equals_the_svds_top_singular_vectors_and_k_zero_is_empty():
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x * torch.linspace(3.0, 0.5, 12, dtype=torch.float64)  # distinct variances: a well-defined top-k
+    moment = x.T @ x
+    u, _, _ = torch.linalg.svd(moment)
+    for k in (1, 3, 12):
+        top = top_subspace(moment, k)
+        assert top.shape == (12, k)
+        assert torch.allclose(top @ top.T, u[:, :k] @ u[:, :k].T, atol=1e-10)
+        assert torch.allclose(top.T @ top, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert top_subspace(moment, 0).shape == (12, 0)
+    assert top_subspace(moment, 50).shape == (12, 12)  # capped at d_in
+
+
+def test_svd_of_product_and_factored_projection_equal_the_dense_ones():
+    from engine.methods.mingle import svd_of_product
+
+    gen = torch.Generator().manual_seed(11)
+    for m, n, q in ((9, 7, 4), (5, 8, 6), (6, 6, 12)):  # thin, wide, and more columns than rows
+        b = torch.randn(m, q, generator=gen, dtype=torch.float64)
+        a = torch.randn(q, n, generator=gen, dtype=torch.float64)
+        u, s, vh = svd_of_product(b, a)
+        dense_s = torch.linalg.svdvals(b @ a)
+        assert torch.allclose(u @ torch.diag(s) @ vh, b @ a, atol=1e-10)
+        assert torch.allclose(s[: min(len(s), len(dense_s))], dense_s[: min(len(s), len(dense_s))], atol=1e-10)
+        delta = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        assert torch.allclose(project_out_previous(delta, None, factors=(b, a)), project_out_previous(delta, b @ a),
+                              atol=1e-10)
+
+
+def test_gated_linear_expert_factors_multiply_to_the_expert_sum():
+    gen = torch.Generator().manual_seed(2)
+    layer = GatedLinear(torch.randn(5, 4, generator=gen), None)
+    assert layer.expert_factors() is None
+    for _ in range(3):
+        layer.add_expert(torch.randn(5, 2, generator=gen), torch.randn(2, 4, generator=gen), generator=gen)
+    b_all, a_all = layer.expert_factors()
+    assert b_all.shape == (5, 6) and a_all.shape == (6, 4)
+    assert torch.allclose(b_all @ a_all, layer.expert_sum(), atol=1e-6)
+
+
 def test_distillation_loss_is_soft_target_cross_entropy_without_t_squared():
     student, teacher = torch.randn(4, 3), torch.randn(4, 3)
     loss = distillation_loss(student, teacher, 2.0)

@@ -114,15 +114,34 @@ def effective_rank(singular_values: torch.Tensor) -> int:
     return int(math.floor(math.exp(float(entropy)) + 1e-9))
 
 
-def project_out_previous(delta: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, s, Vᵀ) of b @ a from QRs of the factors, in float64; b (m, q), a (q, n).
+
+    b @ a = Q_b (R_b R_aᵀ) Q_aᵀ with b = Q_b R_b and aᵀ = Q_a R_a, so the SVD of the small R_b R_aᵀ
+    gives the exact nonzero spectrum in O((m + n) q²) instead of O(m n min(m, n)). For MINGLE the
+    previous experts' sum Σ B_i A_i has q = T·r columns, far fewer than a ViT-B layer's 768 or 3072.
+    """
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    us, s, vsh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ us, s, (qa @ vsh.T).T
+
+
+def project_out_previous(delta: torch.Tensor, previous: torch.Tensor | None, *,
+                         factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Δ − U_ρ (U_ρᵀ Δ V_ρ) V_ρᵀ with (U, s, V) the SVD of the previous experts' sum (methods.md §4.3).
 
     Only the ρ×ρ block of C = Uᵀ Δ V is removed (the part of Δ in *both* top-ρ subspaces); the
     official code's `.diag().fill_(0)` is a no-op, so the diagonal is NOT zeroed (§4.9 item 3).
+    The sum is given densely (`previous`) or as its factors (B_all, A_all) with previous = B_all A_all,
+    which is the same SVD, exactly and much faster (`svd_of_product`).
     """
-    if previous is None:
+    if factors is not None:
+        u, s, vh = svd_of_product(*factors)
+    elif previous is None:
         return delta
-    u, s, vh = torch.linalg.svd(previous.double(), full_matrices=False)
+    else:
+        u, s, vh = torch.linalg.svd(previous.double(), full_matrices=False)
     rho = effective_rank(s)
     if rho == 0:
         return delta
@@ -160,10 +179,16 @@ def relaxed_projection(grad: torch.Tensor, basis: torch.Tensor, score: torch.Ten
 
 
 def top_subspace(second_moment: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k left singular vectors of the (PSD) uncentered second moment Σ x xᵀ, as (d_in, k)."""
+    """Top-k left singular vectors of the (PSD) uncentered second moment Σ x xᵀ, as (d_in, k).
+
+    For a symmetric PSD matrix these are its top eigenvectors, so `eigh` (about twice as fast as an
+    SVD: 3.7 s vs 7.8 s for ViT-B's 3072-wide fc2 input on 2 CPU cores) gives the same subspace.
+    """
     k = min(int(k), second_moment.shape[0])
-    u, _, _ = torch.linalg.svd(second_moment.double(), full_matrices=False)
-    return u[:, :k].to(second_moment.dtype)
+    if k <= 0:
+        return second_moment.new_zeros(second_moment.shape[0], 0)
+    _, vectors = torch.linalg.eigh(second_moment.double())  # ascending eigenvalues
+    return vectors[:, -k:].flip(-1).to(second_moment.dtype).contiguous()
 
 
 def accumulate_basis(previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -223,6 +248,13 @@ class GatedLinear(nn.Module):
         if self.num_experts == 0:
             return None
         return torch.einsum("tor,tri->oi", self.expert_b, self.expert_a)
+
+    def expert_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B_all, A_all) with B_all A_all = Σ_i B_i A_i: [B_1 … B_T] (d_out, T·r) and [A_1; …; A_T] (T·r, d_in)."""
+        if self.num_experts == 0:
+            return None
+        t, d_out, r = self.expert_b.shape
+        return self.expert_b.permute(1, 0, 2).reshape(d_out, t * r), self.expert_a.reshape(t * r, -1)
 
     def add_expert(self, b: torch.Tensor, a: torch.Tensor, *, init_std: float = 0.01,
                    generator: torch.Generator | None = None) -> None:
@@ -461,7 +493,7 @@ class Mingle:
             layer = self.encoder.linears[name]
             key = f"{name}.weight"
             delta = theta_t[key].to(self.device).float() - self.theta0[key].to(self.device).float()
-            delta = project_out_previous(delta, layer.expert_sum())
+            delta = project_out_previous(delta, None, factors=layer.expert_factors())
             b, a = low_rank_expert(delta, self.config.rank)
             layer.add_expert(b, a, init_std=self.config.gate_init_std, generator=self.generator)
 
