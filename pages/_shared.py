@@ -460,6 +460,12 @@ def what_am_i_looking_at(text: str) -> None:
     st.caption("**What am I looking at?** " + text)
 
 
+def show_figure(fig: Any, key: str, explanation: str) -> None:
+    """A Plotly figure and, under it, its "What am I looking at?" caption: every chart in the app has one."""
+    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+    what_am_i_looking_at(explanation)
+
+
 @st.cache_resource(show_spinner="Loading test sets and heads…", max_entries=4)
 def continual_source(source_key: str, tasks: tuple[str, ...], _active: Active) -> Any:
     """engine.continual.ZooSource over the chosen tasks (test sets are loaded once and kept)."""

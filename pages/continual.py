@@ -116,9 +116,7 @@ else:
                    "FWT (points)": None if r["FWT"] is None else round(r["FWT"], 1),
                    "merge time (s)": round(r["timings"]["merge_total_s"], 1)} for r in results],
                  hide_index=True, width="stretch")
-    st.plotly_chart(figures.continual_seen_average_lines(results), key="seen_average_chart",
-                    config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.continual_seen_average_lines(results), "seen_average_chart",
         "after each new task is merged (x), the merged model's average accuracy over all tasks seen so far (y). "
         "A line that stays high keeps old tasks while adding new ones. ACC is the last point; BWT is how much "
         "accuracy on earlier tasks changed from when they were added to the end (0 = no forgetting).")
@@ -128,9 +126,7 @@ else:
                         url_key="", format_func=labels.get, valid=lambda v: v in labels,
                         help="Which method's step × task accuracy matrix to show.")
     chosen = next(r for r in results if r["method"] == shown)
-    st.plotly_chart(figures.accuracy_matrix_heatmap(chosen), key="accuracy_matrix_chart",
-                    config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.accuracy_matrix_heatmap(chosen), "accuracy_matrix_chart",
         "row i is the merged model right after the i-th task arrived; each cell is its accuracy on one task. "
         "The diagonal is how well a task is learnt when it arrives; reading a column downwards shows it being "
         "kept or forgotten as later tasks come in. Blank cells: tasks that had not arrived yet.")
@@ -141,10 +137,8 @@ else:
         paper_range = shared.bind(st.toggle, "gate_paper_range", False, "Paper's y range (−0.3 to 1.3)",
                                   url_key="", help="Draw the gate panels on the MINGLE paper's fixed scale instead "
                                                    "of zooming in on the values (the demo zoo's gates are small).")
-        st.plotly_chart(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]},
-                                                       paper_range=paper_range),
-                        key="gate_panels_chart", config={"displaylogo": False})
-        shared.what_am_i_looking_at(
+        shared.show_figure(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]},
+                                                       paper_range=paper_range), "gate_panels_chart",
             "each panel is one gate, trained when its task arrived (grey bar). The curve is the gate's average "
             "output when the final model sees each task's test images. A gate that is high only at its own task "
             "routes inputs to the right expert; high values on other tasks mean its expert interferes there.")
@@ -152,9 +146,7 @@ else:
                                 "Per-layer gates on images of", list(mingle["gates"]["eval_tasks"]), url_key="",
                                 valid=lambda v: v in mingle["gates"]["eval_tasks"],
                                 help="Which task's test images the per-layer heatmap averages over.")
-        st.plotly_chart(figures.gate_layer_heatmap(mingle["gates"], eval_task), key="gate_layers_chart",
-                        config={"displaylogo": False})
-        shared.what_am_i_looking_at(
+        shared.show_figure(figures.gate_layer_heatmap(mingle["gates"], eval_task), "gate_layers_chart",
             "one row per gated linear layer, one column per gate: its mean raw output on this task's images. "
             "Red is positive (the expert is added), blue negative (subtracted); the dotted column is the task's "
             "own gate.")
@@ -172,10 +164,9 @@ if len(gamma_runs) == len(gamma_specs):
     st.dataframe([{"variant": label, "ACC (%)": round(r["ACC"], 1),
                    "BWT (points)": None if r["BWT"] is None else round(r["BWT"], 2)}
                   for label, r in gamma_runs.items()], hide_index=True, width="stretch")
-    st.plotly_chart(figures.gate_activation_panels({label: r["gates"] for label, r in gamma_runs.items()},
-                                                   paper_range=shared.settings().get("gate_paper_range", False)),
-                    key="gamma_gates_chart", config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    gamma_figure = figures.gate_activation_panels({label: r["gates"] for label, r in gamma_runs.items()},
+                                                  paper_range=shared.settings().get("gate_paper_range", False))
+    shared.show_figure(gamma_figure, "gamma_gates_chart",
         "the paper's Fig. 3 on this zoo: every gate's output on each task's images, one curve per variant. "
         "Left of the grey bar are tasks that arrived earlier: there the constraint should hold the gate down, "
         "more so for smaller γ, which is what keeps old tasks from being forgotten.")

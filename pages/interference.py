@@ -77,29 +77,23 @@ else:
     note = ("one bar per " + ("layer (its tensors pooled, weighted by size)" if view == "layer" else "weight tensor")
             + ": the share of its parameters where the kept task vectors disagree in sign. The dashed line is "
               "what random signs would give; bars above it mean the tasks fight more than chance there.")
-st.plotly_chart(fig, key="conflict_layers_chart", config={"displaylogo": False})
-shared.what_am_i_looking_at(note)
+shared.show_figure(fig, "conflict_layers_chart", note)
 
 # ---- curves ---------------------------------------------------------------------------------
 left, right = st.columns(2, gap="large")
 with left:
-    st.plotly_chart(figures.conflict_vs_k(report["k_curve"], current_k=k), key="conflict_k_chart",
-                    config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.conflict_vs_k(report["k_curve"], current_k=k), "conflict_k_chart",
         "the overall conflict rate as each task vector keeps more of its largest changes (k, in %). Solid: "
         "measured on these experts; dashed: random signs. The dotted red line is the k chosen above.")
 with right:
-    st.plotly_chart(figures.conflict_vs_n_tasks(report["n_tasks_curve"], k=k, current_n=len(tasks)),
-                    key="conflict_n_chart", config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.conflict_vs_n_tasks(report["n_tasks_curve"], k=k, current_n=len(tasks)),
+                       "conflict_n_chart",
         "the conflict rate when merging 2, 3, … of the chosen tasks at the current k. More tasks, more chances "
         "that someone disagrees: this is why merging many experts gets harder.")
 
 left, right = st.columns(2, gap="large")
 with left:
-    st.plotly_chart(figures.pairwise_conflict_heatmap(report["tasks"], report["pairwise"]),
-                    key="pairwise_chart", config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.pairwise_conflict_heatmap(report["tasks"], report["pairwise"]), "pairwise_chart",
         "for each pair of tasks, among the parameters both kept after trimming, the % whose signs disagree. "
         "About 50 % means unrelated directions; lower means the two tasks changed the model alike.")
 with right:
@@ -111,9 +105,7 @@ with right:
     except MergeExplorerError as exc:
         st.error(str(exc), icon=":material/error:")
     else:
-        st.plotly_chart(figures.magnitude_histogram(hist, task=mag_task, k=k), key="magnitude_chart",
-                        config={"displaylogo": False})
-        shared.what_am_i_looking_at(
+        shared.show_figure(figures.magnitude_histogram(hist, task=mag_task, k=k), "magnitude_chart",
             "how big the changes made by fine-tuning are, on a log scale (each step right = 10× larger). "
             "TIES keeps only the blue part right of the red threshold (the top k %) and resets the grey part "
             "to the pretrained value." + (" With per-tensor trim each tensor has its own threshold; the line "

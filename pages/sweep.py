@@ -112,8 +112,7 @@ if results is None:
 
 ref = shared.reference_accuracies(act.key, act)
 fig = figures.sweep_lines(results, metric=metric, normalized=normalized, individual=ref["individual"])
-st.plotly_chart(fig, key="sweep_chart", config={"displaylogo": False})
-shared.what_am_i_looking_at(
+shared.show_figure(fig, "sweep_chart",
     f"each line is one merge method; each point is a full merge at that value of {PARAMS[param]} followed by a "
     "test on every task. The peak of a line is that method's best setting for these tasks; dashed lines are "
     "methods that ignore this hyperparameter."
@@ -146,9 +145,7 @@ if varying:
                         format_func=labels.get, valid=lambda v: v in labels,
                         help="Show every task's accuracy for one method.")
     chosen = next(r for r in varying if variant(r)[0] == which)
-    st.plotly_chart(figures.sweep_per_task_lines({**chosen, "label": labels[which]}, normalized=normalized,
-                                                 individual=ref["individual"]),
-                    key="sweep_per_task_chart", config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.sweep_per_task_lines({**chosen, "label": labels[which]}, normalized=normalized,
+                                                 individual=ref["individual"]), "sweep_per_task_chart",
         "the same sweep for one method, one line per task. Tasks rarely peak at the same value: the best "
         "average is a compromise between them.")
