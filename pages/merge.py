@@ -13,8 +13,8 @@ from pages import _shared as shared
 
 
 def show_ri_comparison(act: shared.Active, shown: dict, individual: dict, normalized: bool) -> None:
-    """The same merge of the original and of the RI-adapted experts: accuracy and ξ per task."""
-    ri_act = shared.ri_active(act, shown["ri"])
+    """The same merge of the original (`act`) and of the RI-adapted experts (`shown["source"]`)."""
+    ri_act = shown["source"]
     config_json = json.dumps(shown["config"], sort_keys=True)
     tasks_ = tuple(shown["tasks"])
     label = METHODS[shown["method"]].label
@@ -34,10 +34,8 @@ def show_ri_comparison(act: shared.Active, shown: dict, individual: dict, normal
         c3.metric("RI experts on their own tasks", f"{sum(own) / len(own):.1f} %",
                   delta=f"{sum(own) / len(own) - before:+.1f} pts vs the originals",
                   help="What RI cost each expert alone on its own task, before any merge.")
-    st.plotly_chart(figures.ri_accuracy_bars(tasks_, without["per_task"], with_ri["per_task"], individual,
-                                             normalized=normalized, method_label=label),
-                    key="ri_accuracy_chart", config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.ri_accuracy_bars(tasks_, without["per_task"], with_ri["per_task"], individual,
+                                             normalized=normalized, method_label=label), "ri_accuracy_chart",
         "the same merge twice: grey from the experts as fine-tuned, blue from the experts after RI. Green "
         "marks are the original experts alone. RI trains each expert to leave other tasks' heads as the "
         "pretrained model had them, so that adding its task vector disturbs the other tasks less.")
@@ -45,8 +43,7 @@ def show_ri_comparison(act: shared.Active, shown: dict, individual: dict, normal
                                                          act, act)["per_task"],
           "RI-adapted experts": shared.interference_report(ri_act.key, act.key, tasks_, shown["method"],
                                                            config_json, ri_act, act)["per_task"]}
-    st.plotly_chart(figures.interference_bars(tasks_, xi), key="ri_xi_chart", config={"displaylogo": False})
-    shared.what_am_i_looking_at(
+    shared.show_figure(figures.interference_bars(tasks_, xi), "ri_xi_chart",
         "ξ_t: on task t's test images and under its head, how far the merged model's predicted probabilities are "
         "from the original expert's (KL divergence, 0 = identical). Both bars compare to the original experts, "
         "the models one wanted to merge; lower is less interference.")
@@ -87,7 +84,7 @@ with results:
             merge_act = shared.ri_active(act, ri_values) if ri_on else act
             report = shared.merge_report(merge_act.key, tuple(tasks), method_name, config_json, merge_act)
             shown = {"report": report, "tasks": tasks, "method": method_name, "config": config,
-                     "ri": ri_values if ri_on else None}
+                     "ri": ri_values if ri_on else None, "source": merge_act}
             st.session_state["last_merge"] = shown
         except MergeExplorerError as exc:
             st.error(str(exc), icon=":material/error:")
@@ -118,8 +115,7 @@ with results:
 
         fig = figures.accuracy_bars(shown_tasks, report["per_task"], individual, pretrained,
                                     normalized=normalized, merged_label=f"merged ({shown_label})")
-        st.plotly_chart(fig, key="accuracy_chart", config={"displaylogo": False})
-        shared.what_am_i_looking_at(
+        shared.show_figure(fig, "accuracy_chart",
             "one group of bars per task. Green is the task's own expert (the best a single model got), grey the "
             "pretrained model before fine-tuning, blue the one merged model serving every task at once. The gap "
             "between green and blue is what merging cost on that task — interference between task vectors."
@@ -132,9 +128,7 @@ with results:
         dl_tasks = shown["tasks"] if shown else tasks
         dl_method = shown["method"] if shown else method_name
         dl_config = shown["config"] if shown else config
-        dl_act = act
-        if shown is not None and shown.get("ri") is not None:
-            dl_act = shared.ri_active(act, shown["ri"])  # already adapted: read from disk
+        dl_act = shown["source"] if shown else act
         st.download_button(
             "Download merged checkpoint (.safetensors)",
             data=lambda: shared.merged_checkpoint_bytes(dl_act, dl_tasks, dl_method, dl_config),
