@@ -304,16 +304,22 @@ def test_a_bad_folder_is_refused_with_a_clear_error_and_the_zoo_stays(app, tmp_p
     chart(at, "accuracy_chart")  # the previous source still serves the page
 
 
-def test_a_folder_of_checkpoints_drives_the_interference_page(app, quick_zoo, tmp_path):
+def use_checkpoint_folder(at: AppTest, quick_zoo, folder: Path, n_tasks: int) -> None:
+    """Copy the quick zoo's pretrained model and first `n_tasks` experts into `folder` (no test sets,
+    no heads: a plain folder of checkpoints) and choose it as the source in the sidebar."""
     from engine.zoo.manifest import load_zoo
 
     zoo = load_zoo(zoo_root(quick_zoo))
-    shutil.copy(zoo.pretrained_path, tmp_path / ("pretrained" + Path(zoo.pretrained_path).suffix))
-    for t in zoo.task_names()[:3]:
-        shutil.copy(zoo.expert_path(t), tmp_path / (t + Path(zoo.expert_path(t)).suffix))
-    at = open_page(app)
+    shutil.copy(zoo.pretrained_path, folder / ("pretrained" + Path(zoo.pretrained_path).suffix))
+    for t in zoo.task_names()[:n_tasks]:
+        shutil.copy(zoo.expert_path(t), folder / (t + Path(zoo.expert_path(t)).suffix))
     at.sidebar.radio(key="w.sidebar.source").set_value("folder").run()
-    at.sidebar.text_input(key="w.sidebar.folder").input(str(tmp_path)).run()
+    at.sidebar.text_input(key="w.sidebar.folder").input(str(folder)).run()
+
+
+def test_a_folder_of_checkpoints_drives_the_interference_page(app, quick_zoo, tmp_path):
+    at = open_page(app)
+    use_checkpoint_folder(at, quick_zoo, tmp_path, 3)
     assert_clean(at)
     assert not at.sidebar.error, [e.value for e in at.sidebar.error]
     assert metric(at, "Experts (tasks)") == "3"
@@ -473,15 +479,8 @@ def test_continual_gamma_comparison_runs_four_mingle_variants(app):
 
 
 def test_continual_page_on_a_folder_source_explains_it_needs_test_sets(app, quick_zoo, tmp_path):
-    from engine.zoo.manifest import load_zoo
-
-    zoo = load_zoo(zoo_root(quick_zoo))
-    shutil.copy(zoo.pretrained_path, tmp_path / ("pretrained" + Path(zoo.pretrained_path).suffix))
-    for t in zoo.task_names()[:2]:
-        shutil.copy(zoo.expert_path(t), tmp_path / (t + Path(zoo.expert_path(t)).suffix))
     at = open_page(app)
-    at.sidebar.radio(key="w.sidebar.source").set_value("folder").run()
-    at.sidebar.text_input(key="w.sidebar.folder").input(str(tmp_path)).run()
+    use_checkpoint_folder(at, quick_zoo, tmp_path, 2)
     at.switch_page("pages/continual.py").run()
     assert_clean(at)
     assert not at.error, [e.value for e in at.error]
