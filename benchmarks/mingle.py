@@ -3,7 +3,7 @@
 Runs one order (default s = 42) with the default configuration (r = 64, 50 steps at batch 16,
 5 seeds per class, all six linears) and prints the per-task breakdown of merge time, the
 evaluation time, and the total against the issue's budget (≤ 3 min for 8 tasks on a 2-core CPU).
-The paper's reference is 78 s for 8 tasks (9.8 s/task) on a GPU with ViT-B/32 (methods.md §4.5).
+The paper's reference is 78 s for 8 tasks (9.8 s/task) on a GPU with ViT-B/32 (docs/methods.md, reference numbers).
 
     python benchmarks/mingle.py [--zoo .zoo/demo] [--order-seed 42] [--threads 1] [--layers all]
 """

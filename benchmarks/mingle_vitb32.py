@@ -1,6 +1,6 @@
 """MINGLE's per-task cost on a ViT-B/32-sized tower (random weights), against the paper's ≈ 10 s/task.
 
-The paper reports 78 s for 8 tasks (9.8 s per task) on a GPU with CLIP ViT-B/32 (methods.md §4.5):
+The paper reports 78 s for 8 tasks (9.8 s per task) on a GPU with CLIP ViT-B/32 (docs/methods.md, reference numbers):
 experts by SVD for every selected linear, the teacher's logits on the seed set, 50 Adam steps of
 batch 16 on the newest gates, and the null-space subspaces. This script times exactly that
 (engine.methods.mingle.Mingle.step) on an open_clip VisionTransformer of ViT-B/32's shape (224 px,

@@ -1,4 +1,4 @@
-"""Load, validate, normalise and save CLIP ViT vision-tower checkpoints (methods.md §6).
+"""Load, validate, normalise and save CLIP ViT vision-tower checkpoints (docs/checkpoints.md).
 
 Every merge method works on one naming, the *canonical* one: Hugging Face `CLIPVisionModel` key
 names without the `vision_model.` prefix, plus `visual_projection.weight` ([out_dim, width]).
@@ -7,7 +7,7 @@ never sees a format difference and per-module statistics are comparable across s
 
 Checkpoints are read lazily: `open_checkpoint` only parses headers (safetensors) or memory-maps
 (PyTorch zip files), and `CheckpointReader.tensor` reads one tensor at a time, so memory does not
-grow with the number of experts. Nothing is ever unpickled with `weights_only=False` (§6.3).
+grow with the number of experts. Nothing is ever unpickled with `weights_only=False`.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ ACCEPTED = (
     "with model.safetensors or pytorch_model.bin (optionally sharded with an .index.json)"
 )
 
-# Files looked for, in order, when a directory is given (§6.1; the open_clip names are what
+# Files looked for, in order, when a directory is given (docs/checkpoints.md; the open_clip names are what
 # open_clip's hub export writes).
 _DIRECTORY_FILES = (
     "model.safetensors",
@@ -52,7 +52,7 @@ _DIRECTORY_FILES = (
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 # --------------------------------------------------------------------------------------------
-# The open_clip <-> canonical mapping: the table of methods.md §6.2, in one place, used by the
+# The open_clip <-> canonical mapping: the table of docs/checkpoints.md, in one place, used by the
 # reader and by both eager conversions. `{i}` is a layer index, `{p}` weight|bias, `{qkv}` q|k|v.
 # --------------------------------------------------------------------------------------------
 
@@ -68,10 +68,10 @@ _RULES = (
     _Rule("conv1.weight", "embeddings.patch_embedding.weight"),
     _Rule("class_embedding", "embeddings.class_embedding"),
     _Rule("positional_embedding", "embeddings.position_embedding.weight"),
-    _Rule("ln_pre.{p}", "pre_layrnorm.{p}"),  # sic: HF's misspelling is real (§6.1)
+    _Rule("ln_pre.{p}", "pre_layrnorm.{p}"),  # sic: HF's misspelling is real
     _Rule("transformer.resblocks.{i}.ln_1.{p}", "encoder.layers.{i}.layer_norm1.{p}"),
     _Rule("transformer.resblocks.{i}.ln_2.{p}", "encoder.layers.{i}.layer_norm2.{p}"),
-    # in_proj_weight [3w, w] / in_proj_bias [3w] stack q;k;v in that order along dim 0 (§6.2).
+    # in_proj_weight [3w, w] / in_proj_bias [3w] stack q;k;v in that order along dim 0.
     _Rule(
         "transformer.resblocks.{i}.attn.in_proj_{p}",
         "encoder.layers.{i}.self_attn.{qkv}_proj.{p}",
@@ -83,7 +83,7 @@ _RULES = (
     _Rule("transformer.resblocks.{i}.mlp.c_fc.{p}", "encoder.layers.{i}.mlp.fc1.{p}"),
     _Rule("transformer.resblocks.{i}.mlp.c_proj.{p}", "encoder.layers.{i}.mlp.fc2.{p}"),
     _Rule("ln_post.{p}", "post_layernorm.{p}"),
-    # open_clip's proj is [width, out_dim]; an nn.Linear weight is [out_dim, width] (§6.2).
+    # open_clip's proj is [width, out_dim]; an nn.Linear weight is [out_dim, width].
     _Rule("proj", "visual_projection.weight", "transpose"),
 )
 _QKV = ("q", "k", "v")
@@ -126,7 +126,7 @@ class _Entry:
 def _plan_open_clip(keys: Sequence[str], label: str) -> tuple[dict[str, _Entry], list[str]]:
     """Map open_clip keys to canonical names; keys outside the vision tower are dropped."""
     # The tower's prefix is whatever precedes conv1.weight: `visual.`, `model.visual.`
-    # (task_vectors ImageEncoder saves, §6.2) or nothing for a bare tower.
+    # (task_vectors ImageEncoder saves) or nothing for a bare tower.
     anchors = [k for k in keys if k == "conv1.weight" or k.endswith(".conv1.weight")]
     if len(anchors) != 1:
         found = "no" if not anchors else f"{len(anchors)}"
@@ -145,7 +145,7 @@ def _plan_open_clip(keys: Sequence[str], label: str) -> tuple[dict[str, _Entry],
         if match is None:
             raise CheckpointError(
                 f"{label}: open_clip tensor '{key}' has no counterpart in the CLIP ViT layout "
-                f"(methods.md §6.2); only standard ViT image towers can be merged"
+                f"(docs/checkpoints.md); only standard ViT image towers can be merged"
             )
         rule, fields = match
         if rule.op == "qkv":
@@ -165,16 +165,16 @@ def _plan_hf(keys: Sequence[str], label: str) -> tuple[dict[str, _Entry], list[s
     dropped: list[str] = []
     for key in keys:
         if key.endswith("embeddings.position_ids"):
-            continue  # int64 index buffer in older saves, not a weight (§6.1)
+            continue  # int64 index buffer in older saves, not a weight
         if key.startswith(_HF_TEXT):
             dropped.append(key)
             continue
-        # transformers < 5 saves `vision_model.` prefixes, >= 5 does not (§6.1).
+        # transformers < 5 saves `vision_model.` prefixes, >= 5 does not.
         name = key.removeprefix("vision_model.")
         if _match_canonical(name) is None:
             raise CheckpointError(
                 f"{label}: tensor '{key}' is not part of a CLIP ViT vision tower "
-                f"(methods.md §6.1); only CLIPVisionModel / CLIPModel weights can be merged"
+                f"(docs/checkpoints.md); only CLIPVisionModel / CLIPModel weights can be merged"
             )
         if name in plan:
             raise CheckpointError(
@@ -186,7 +186,7 @@ def _plan_hf(keys: Sequence[str], label: str) -> tuple[dict[str, _Entry], list[s
 
 
 def _plan(keys: Sequence[str], label: str) -> tuple[str, dict[str, _Entry], list[str]]:
-    """Detect the layout from key patterns (§6) and map it to canonical names."""
+    """Detect the layout from key patterns (docs/checkpoints.md) and map it to canonical names."""
     is_open_clip = any("in_proj_weight" in k or "resblocks" in k for k in keys)
     is_hf = any("self_attn.q_proj" in k for k in keys)
     if is_open_clip and is_hf:
@@ -304,7 +304,7 @@ def _torch_load(file: Path) -> Any:
         raise CheckpointError(
             f"{file}: contains pickled Python objects, e.g. a whole nn.Module as task_vectors "
             f"saves{what}, which are unsafe to load (they can run arbitrary code); convert it "
-            f"offline to a state dict or .safetensors (methods.md §6.3)"
+            f"offline to a state dict or .safetensors (docs/checkpoints.md)"
         ) from exc
     except Exception as exc:  # RuntimeError, EOFError, KeyError...: torch's way of saying "corrupt"
         raise CheckpointError(
@@ -390,7 +390,7 @@ def _check_plan_shapes(source: _Source, plan: Mapping[str, _Entry], label: str) 
         if entry.op == "qkv" and (not shape or shape[0] % 3):
             raise CheckpointError(
                 f"{label}: tensor '{entry.raw_key}' has shape {shape}, whose first dimension "
-                f"is not 3 x width (fused q;k;v, methods.md §6.2)"
+                f"is not 3 x width (fused q;k;v, docs/checkpoints.md)"
             )
         if entry.op == "transpose" and len(shape) != 2:
             raise CheckpointError(
@@ -517,7 +517,7 @@ def _locate(path: Path) -> tuple[str, list[Path], dict[str, str]]:
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a checkpoint lazily and map it to canonical names (methods.md §6).
+    """Open a checkpoint lazily and map it to canonical names (docs/checkpoints.md).
 
     Accepts a .safetensors file, a .pt/.pth/.bin state dict (weights_only=True, optionally under
     a `state_dict` entry), or an HF model directory (single or sharded safetensors or
@@ -551,20 +551,26 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     return CheckpointReader(path, fmt, source, plan, sorted(dropped + skipped), files)
 
 
-def validate_compatible(readers: Sequence[CheckpointReader]) -> None:
-    """Check that every reader has readers[0]'s (the pretrained model's) tensors, shapes and dtypes.
+def validate_compatible(readers: Sequence[CheckpointReader]) -> list[str]:
+    """Check that every expert (readers[1:]) has the pretrained model's (readers[0]) tensors, shapes
+    and dtypes; return the pretrained tensors that NO expert has.
 
-    Metadata only, so a mismatched expert fails in milliseconds, before any heavy work (§6).
-    Raises CheckpointError naming the first offending file and tensor.
+    Those stay at θ_0 in a merge: FusionBench's experts are HF CLIPVisionModel folders without the
+    visual projection, which then comes from the pretrained CLIP (callers report the list). A tensor
+    that some experts have and others lack is an error. Metadata only, so a mismatched expert fails
+    in milliseconds, before any heavy work (docs/checkpoints.md). Raises CheckpointError naming the
+    first offending file and tensor.
     """
     if not readers:
-        return
+        return []
     base = readers[0]
     base_keys = set(base.keys())
+    experts = list(readers[1:])
+    absent_everywhere = base_keys - set().union(*(set(r.keys()) for r in experts)) if experts else set()
     fix = f"all checkpoints must be fine-tuned from the same base model as {base.path}"
-    for reader in readers[1:]:
+    for reader in experts:
         keys = set(reader.keys())
-        if missing := sorted(base_keys - keys):
+        if missing := sorted(base_keys - keys - absent_everywhere):
             raise CheckpointError(
                 f"{reader.path}: is missing tensor '{missing[0]}' present in the pretrained "
                 f"model; {fix}"
@@ -573,7 +579,7 @@ def validate_compatible(readers: Sequence[CheckpointReader]) -> None:
             raise CheckpointError(
                 f"{reader.path}: has extra tensor '{extra[0]}' not in the pretrained model; {fix}"
             )
-        for name in sorted(base_keys):
+        for name in sorted(keys):
             (shape, dtype), (base_shape, base_dtype) = reader.spec(name), base.spec(name)
             if shape != base_shape:
                 raise CheckpointError(
@@ -585,6 +591,7 @@ def validate_compatible(readers: Sequence[CheckpointReader]) -> None:
                     f"{reader.path}: tensor '{name}' has dtype {dtype} but the pretrained model "
                     f"has {base_dtype}; convert the checkpoints to one dtype"
                 )
+    return sorted(absent_everywhere)
 
 
 def check_finite(name: str, tensor: torch.Tensor, path: str | Path) -> None:
@@ -708,7 +715,7 @@ def open_clip_to_canonical(
 def canonical_to_open_clip(
     tensors: Mapping[str, torch.Tensor], prefix: str = ""
 ) -> dict[str, torch.Tensor]:
-    """Inverse mapping: canonical names -> open_clip VisionTransformer names (methods.md §6.2).
+    """Inverse mapping: canonical names -> open_clip VisionTransformer names (docs/checkpoints.md).
 
     q, k, v are concatenated back into `attn.in_proj_weight` / `in_proj_bias` and
     `visual_projection.weight` is transposed back into `proj`, so

@@ -1,145 +1,111 @@
-"""Per-task accuracy of a vision tower on the demo zoo's tasks, and normalised accuracy.
+"""Per-task accuracy of a vision tower on a task suite's tasks, and normalised accuracy.
 
-A model is evaluated the CLIP way (methods.md §6.4): logits = logit_scale * <normalize(f(x)), h_c>
-with the task's frozen head rows h_c (unit vectors) and logit_scale = 100. Normalised accuracy is
-the merged model's accuracy divided by the task's own fine-tuned expert's (from the manifest),
+A model is evaluated the CLIP way (docs/methods.md, heads): logits = logit_scale ·
+⟨normalize(f(x)), h_c⟩ with the task's frozen head rows h_c (unit vectors). Normalised accuracy is
+the model's accuracy divided by the task's own fine-tuned expert's under the same image budget,
 per task, as in the TIES and MINGLE papers.
 
-Evaluation must be fast enough for a slider (a merge, then all tasks, well under a second on a
-laptop CPU), so everything but the weights is cached per zoo build and device: the constructed
-VisionTransformer, the heads and the preprocessed test tensors. A call is then one
-`load_state_dict` and one batched forward pass per task.
+Evaluation must be fast enough for a slider, so everything but the weights is cached per suite and
+device: the encoder module, the heads and the test images. A call is then one `load_state_dict`
+and one batched forward pass per task. On CUDA, CLIP suites run under fp16 autocast with
+channels-last inputs; the demo zoo always runs in float32 with one fixed batch size, so its numbers
+are bit-identical on every call.
 """
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .device import resolve_device
-from .errors import CheckpointError, MergeExplorerError
+from .errors import MergeExplorerError
+from .image_data import TestSplit
 
 # open_clip's preprocessing constants for OpenAI CLIP (open_clip.constants.OPENAI_DATASET_MEAN/STD)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-EVAL_BATCH = 1000  # one fixed batch size, so every caller gets bit-identical logits
+ZOO_EVAL_BATCH = 1000  # the demo zoo: one fixed batch size, so every caller gets bit-identical logits
+CLIP_EVAL_BATCH = 256
+
+Progress = Callable[[float, str], None]
 
 
 @dataclass
 class AccuracyReport:
-    """Accuracies in percent; normalised accuracies as ratios (1.0 = as good as the expert)."""
+    """Accuracies in percent; normalised accuracies as ratios (1.0 = as good as the expert).
+
+    `n_images[task]` is how many test images each number was measured on; `limit` the per-task
+    budget asked for (None = full test sets).
+    """
 
     per_task: dict[str, float]
     average: float
     normalized: dict[str, float]
     normalized_average: float
+    n_images: dict[str, int] = field(default_factory=dict)
+    limit: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"per_task": {t: round(v, 4) for t, v in self.per_task.items()},
                 "average": round(self.average, 4),
                 "normalized": {t: round(v, 6) for t, v in self.normalized.items()},
-                "normalized_average": round(self.normalized_average, 6) if self.normalized else None}
+                "normalized_average": round(self.normalized_average, 6) if self.normalized else None,
+                "n_images": dict(self.n_images), "limit": self.limit}
+
+
+def as_suite(source: Any):
+    """The TaskSuite itself, or the one a `Source` carries (a demo-zoo `Zoo` is wrapped by the caller:
+    `engine.zoo.suite.ZooSuite.of(zoo)`)."""
+    for candidate in (source, getattr(source, "suite", None)):
+        if candidate is not None and hasattr(candidate, "test_split") and hasattr(candidate, "heads"):
+            return candidate
+    raise MergeExplorerError(f"cannot evaluate on {type(source).__name__}: give a task suite (the demo zoo's is "
+                             "engine.zoo.suite.ZooSuite.of(zoo))")
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (also used by the zoo build, MINGLE, RI and interference analysis)
+# Per (suite, device): one encoder, heads and test splits on the device
 # --------------------------------------------------------------------------------------------
 
 
-def new_encoder(model_config: Mapping[str, Any]) -> torch.nn.Module:
-    """An open_clip VisionTransformer built from a zoo manifest's `model` entry (weights random)."""
-    from open_clip.transformer import VisionTransformer
-
-    return VisionTransformer(**dict(model_config["kwargs"]))
-
-
-def zoo_encoder(zoo) -> torch.nn.Module:
-    """A fresh VisionTransformer with the zoo's architecture, in eval mode (load weights yourself)."""
-    return new_encoder(zoo.model_config).eval()
-
-
-def _preprocess_config(zoo_or_config) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    config = getattr(zoo_or_config, "model_config", zoo_or_config) or {}
-    pre = config.get("preprocess", {}) if isinstance(config, Mapping) else {}
-    return tuple(pre.get("mean", CLIP_MEAN)), tuple(pre.get("std", CLIP_STD))
-
-
-def preprocess(zoo, images) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] (numpy or torch) -> float [N, 3, H, W], CLIP-normalised.
-
-    `zoo` may be a Zoo or its `model_config` (anything with the manifest's "preprocess" entry).
-    Float input is taken as already preprocessed and returned as is.
-    """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if x.is_floating_point():
-        return x
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise MergeExplorerError(f"images must be uint8 [N, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-    mean, std = _preprocess_config(zoo)
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-def _read_heads(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {name: tensor.float() for name, tensor in load_file(str(path)).items()}
-
-
-def zoo_heads(zoo) -> dict[str, torch.Tensor]:
-    """Every task's frozen head, {task: [classes, output_dim]} with unit rows (CPU, cached)."""
-    return dict(_state(zoo, torch.device("cpu")).heads)
-
-
-def load_test_set(zoo, task: str, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Task `task`'s held-out test split, model-ready: (float [N, 3, H, W] preprocessed, int64 labels [N]).
-
-    Cached per zoo build and device; do not modify the returned tensors in place.
-    """
-    zoo.task(task)  # a one-line error for unknown tasks
-    state = _state(zoo, resolve_device(str(device)))
-    return state.test_set(zoo, task)
-
-
-# --------------------------------------------------------------------------------------------
-# The cache: one per (zoo build, device)
-# --------------------------------------------------------------------------------------------
-
-
-class _ZooState:
-    def __init__(self, zoo, device: torch.device) -> None:
+class _DeviceState:
+    def __init__(self, suite, device: torch.device) -> None:
         self.device = device
-        self.lock = threading.Lock()  # one model object: calls from app threads take turns
-        self.model = zoo_encoder(zoo).to(device)
-        self.heads = {t: h.to(device) for t, h in _read_heads(zoo.heads_path).items()}
-        self.logit_scale = float(getattr(zoo, "logit_scale", 100.0))
-        self.tests: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.lock = threading.Lock()  # one encoder object: calls from app threads take turns
+        self.model = suite.new_encoder().to(device).eval()
+        self.fast = suite.kind != "zoo" and device.type == "cuda"
+        if self.fast:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.heads = {t: h.to(device) for t, h in suite.heads().items()}
+        self.logit_scale = float(suite.logit_scale)
+        self.batch_size = ZOO_EVAL_BATCH if suite.kind == "zoo" else CLIP_EVAL_BATCH
+        self.splits: dict[tuple[str, int | None], TestSplit] = {}
 
-    def test_set(self, zoo, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if task not in self.tests:
-            images, labels = zoo.test_split(task)
-            self.tests[task] = (preprocess(zoo, images).to(self.device), torch.as_tensor(labels).long().to(self.device))
-        return self.tests[task]
+    def split(self, suite, task: str, limit: int | None, progress: Progress | None = None) -> TestSplit:
+        key = (task, suite.resolve_limit(limit))
+        if key not in self.splits:
+            self.splits[key] = suite.test_split(task, limit, progress).to(self.device)
+        return self.splits[key]
 
 
-_STATES: OrderedDict[tuple, _ZooState] = OrderedDict()
+_STATES: OrderedDict[tuple, _DeviceState] = OrderedDict()
 _STATES_LOCK = threading.Lock()
 _MAX_STATES = 4
 
 
-def _state(zoo, device: torch.device) -> _ZooState:
-    key = (*zoo.cache_key, str(device))
+def _state(suite, device: torch.device) -> _DeviceState:
+    key = (*suite.cache_key, str(device))
     with _STATES_LOCK:
         state = _STATES.get(key)
         if state is None:
-            state = _ZooState(zoo, device)
+            state = _DeviceState(suite, device)
             _STATES[key] = state
             while len(_STATES) > _MAX_STATES:
                 _STATES.popitem(last=False)
@@ -153,108 +119,106 @@ def clear_cache() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------
-
-
-def _read_canonical(path: Path) -> dict[str, torch.Tensor]:
-    from .checkpoints import open_checkpoint
-
-    reader = open_checkpoint(path)
-    return {name: reader.tensor(name) for name in reader.keys()}
-
-
-def resolve_weights(zoo, weights) -> dict[str, torch.Tensor]:
-    """Canonical state dict from: a canonical mapping, "pretrained", a task name, or a checkpoint path."""
-    if isinstance(weights, Mapping):
-        return dict(weights)
-    name = str(weights)
-    if name == "pretrained":
-        return _read_canonical(zoo.pretrained_path)
-    if name in zoo.task_names():
-        return _read_canonical(zoo.expert_path(name))
-    path = Path(name).expanduser()
-    if path.exists():
-        return _read_canonical(path)
-    raise MergeExplorerError(f"unknown model {name!r}: use pretrained, a task of the zoo "
-                             f"({', '.join(zoo.task_names())}) or a checkpoint file")
-
-
-def _load_into(state: _ZooState, canonical: Mapping[str, torch.Tensor], label: str) -> None:
-    from .checkpoints import canonical_to_open_clip
-
-    tensors = canonical_to_open_clip({k: v for k, v in canonical.items()})
-    try:
-        state.model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise CheckpointError(f"{label}: does not fit the zoo's model architecture ({detail}); "
-                              f"evaluate checkpoints fine-tuned from this zoo's pretrained model") from None
-
-
-# --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
 
-def _logits(state: _ZooState, task: str, images: torch.Tensor) -> torch.Tensor:
-    head = state.heads[task]
-    out = []
-    for start in range(0, len(images), EVAL_BATCH):
-        features = state.model(images[start:start + EVAL_BATCH])
-        out.append(state.logit_scale * F.normalize(features, dim=-1) @ head.T)
-    return torch.cat(out) if out else torch.empty(0, head.shape[0], device=state.device)
+def _autocast(state: _DeviceState):
+    return torch.autocast("cuda", dtype=torch.float16) if state.fast else nullcontext()
 
 
-def predict_logits(zoo, weights, task: str, images, device: str | torch.device = "auto") -> torch.Tensor:
-    """Logits [N, classes] (at the zoo's logit scale, 100) of `weights` under task `task`'s head.
-
-    `weights`: canonical state dict, "pretrained", a task name or a checkpoint path; `images`: uint8
-    [N, H, W, 3] or preprocessed float [N, 3, H, W]. Returned on the evaluation device, no grad.
-    """
-    zoo.task(task)
-    state = _state(zoo, resolve_device(str(device)))
-    canonical = resolve_weights(zoo, weights)
-    x = preprocess(zoo, images).to(state.device)
-    with state.lock, torch.inference_mode():
-        _load_into(state, canonical, str(weights) if not isinstance(weights, Mapping) else "merged weights")
-        return _logits(state, task, x).clone()
+def _features(state: _DeviceState, images: torch.Tensor) -> torch.Tensor:
+    if state.fast:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with _autocast(state):
+        return state.model(images).float()
 
 
-def evaluate(zoo, weights, tasks: Sequence[str] | None = None, device: str | torch.device = "auto") -> AccuracyReport:
-    """Top-1 accuracy (%) of `weights` on each task's test split, and normalised accuracy.
+def _logits(state: _DeviceState, task: str, features: torch.Tensor) -> torch.Tensor:
+    return state.logit_scale * F.normalize(features, dim=-1) @ state.heads[task].T
 
-    `weights`: a canonical state dict (e.g. `TaskVectorStack.apply(...)`), "pretrained", a task name,
-    or a checkpoint path. Normalised accuracy divides by the task's fine-tuned accuracy from the
-    manifest (missing while the zoo is being built: then `normalized` is empty).
-    """
-    tasks = list(tasks) if tasks is not None else zoo.task_names()
-    if not tasks:
-        raise MergeExplorerError("evaluate at least one task")
+
+def _correct(state: _DeviceState, task: str, split: TestSplit) -> int:
+    correct = 0
+    for images, labels in split.batches(state.batch_size):
+        correct += int((_logits(state, task, _features(state, images)).argmax(dim=1) == labels).sum())
+    return correct
+
+
+def _load(state: _DeviceState, suite, canonical: Mapping[str, torch.Tensor], label: str) -> None:
+    suite.load_weights(state.model, canonical, label)
+
+
+def accuracy_only(suite, weights: Any, tasks: Sequence[str], *, device: str | torch.device = "auto",
+                  limit: int | None = None, progress: Progress | None = None) -> dict[str, float]:
+    """{task: top-1 accuracy %} of `weights` (anything `TaskSuite.resolve_weights` takes), no normalisation."""
+    suite = as_suite(suite)
     for t in tasks:
-        zoo.task(t)
-    state = _state(zoo, resolve_device(str(device)))
-    canonical = resolve_weights(zoo, weights)
+        suite.check_task(t)
+    state = _state(suite, resolve_device(str(device)))
+    canonical = suite.resolve_weights(weights)
+    label = str(weights) if not isinstance(weights, Mapping) else "merged weights"
+    splits = {}
+    for i, task in enumerate(tasks):  # decoding (first call only) happens outside the model lock
+        if progress is not None:
+            progress(i / max(1, len(tasks)), f"loading test images of {task}")
+        splits[task] = state.split(suite, task, limit)
     per_task: dict[str, float] = {}
     with state.lock, torch.inference_mode():
-        state.model.eval()
-        _load_into(state, canonical, str(weights) if not isinstance(weights, Mapping) else "merged weights")
-        for task in tasks:
-            images, labels = state.test_set(zoo, task)
-            correct = (_logits(state, task, images).argmax(dim=1) == labels).sum().item()
-            per_task[task] = 100.0 * correct / len(labels)
+        _load(state, suite, canonical, label)
+        for i, task in enumerate(tasks):
+            if progress is not None:
+                progress(i / max(1, len(tasks)), f"evaluating {task} ({len(splits[task])} images)")
+            per_task[task] = 100.0 * _correct(state, task, splits[task]) / max(1, len(splits[task]))
+    if progress is not None:
+        progress(1.0, "evaluated")
+    return per_task
+
+
+def evaluate(suite, weights, tasks: Sequence[str] | None = None, device: str | torch.device = "auto",
+             limit: int | None = None, progress: Progress | None = None) -> AccuracyReport:
+    """Top-1 accuracy (%) of `weights` on each task's test images, and normalised accuracy.
+
+    `suite`: a TaskSuite; `weights`: a canonical state dict (e.g.
+    `TaskVectorStack.apply(...)`), "pretrained", a task name or a checkpoint path. `limit` caps the
+    images per task (seeded, class-stratified; None = the suite's default). Normalised accuracy
+    divides by each task's expert accuracy under the same budget (missing while the demo zoo is
+    being built: then `normalized` is empty).
+    """
+    suite = as_suite(suite)
+    tasks = list(tasks) if tasks is not None else suite.task_names()
+    if not tasks:
+        raise MergeExplorerError("evaluate at least one task")
+    per_task = accuracy_only(suite, weights, tasks, device=device, limit=limit, progress=progress)
     normalized = {}
     for task in tasks:
-        reference = zoo.task(task).accuracy.get("finetuned")
+        reference = suite.expert_accuracy(task, limit, device)
         if reference:
             normalized[task] = per_task[task] / float(reference)
+    state = _state(suite, resolve_device(str(device)))
+    n_images = {t: len(state.split(suite, t, limit)) for t in tasks}
     return AccuracyReport(per_task=per_task, average=float(np.mean(list(per_task.values()))),
                           normalized=normalized,
-                          normalized_average=float(np.mean(list(normalized.values()))) if normalized else float("nan"))
+                          normalized_average=float(np.mean(list(normalized.values()))) if normalized else float("nan"),
+                          n_images=n_images, limit=suite.resolve_limit(limit))
 
 
-def evaluate_model(zoo, name: str | Path, tasks: Sequence[str] | None = None,
-                   device: str | torch.device = "auto") -> AccuracyReport:
+def evaluate_model(suite, name, tasks: Sequence[str] | None = None, device: str | torch.device = "auto",
+                   limit: int | None = None) -> AccuracyReport:
     """`evaluate` for "pretrained", a task's expert (by task name), or a checkpoint file."""
-    return evaluate(zoo, resolve_weights(zoo, name), tasks=tasks, device=device)
+    return evaluate(suite, str(name), tasks=tasks, device=device, limit=limit)
+
+
+def predict_logits(suite, weights, task: str, images: torch.Tensor, device: str | torch.device = "auto"
+                   ) -> torch.Tensor:
+    """Logits [N, classes] of `weights` under task `task`'s head for model-ready float images."""
+    suite = as_suite(suite)
+    suite.check_task(task)
+    state = _state(suite, resolve_device(str(device)))
+    canonical = suite.resolve_weights(weights)
+    x = images.to(state.device)
+    with state.lock, torch.inference_mode():
+        _load(state, suite, canonical, str(weights) if not isinstance(weights, Mapping) else "merged weights")
+        out = [_logits(state, task, _features(state, x[i:i + state.batch_size]))
+               for i in range(0, len(x), state.batch_size)]
+        return torch.cat(out).clone() if out else torch.empty(0, state.heads[task].shape[0], device=state.device)

@@ -7,8 +7,8 @@ a title, axis titles with units and a legend where there is more than one series
 Conventions
 - Accuracies arrive in percent (0-100, as engine.evaluate reports them); normalised accuracies
   (merged / expert) and conflict rates arrive as ratios/fractions and are drawn in percent.
-- k is the TIES keep fraction in percent (methods.md §3.2), λ is the merge scale.
-- The random-sign baseline (methods.md §3.6) is always a dashed grey line.
+- k is the TIES keep fraction in percent (docs/methods.md, TIES-Merging), λ is the merge scale.
+- The random-sign baseline (docs/methods.md, sign-conflict statistics) is always a dashed grey line.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 
 # One colour per role, shared by every figure so a student learns them once.
@@ -324,7 +325,7 @@ def conflict_vs_n_tasks(n_tasks_curve: Mapping[str, Sequence[float]], *, k: floa
 
 
 def pairwise_conflict_heatmap(tasks: Sequence[str], matrix: Sequence[Sequence[float | None]]) -> go.Figure:
-    """Task × task share of jointly-kept parameters whose signs disagree (methods.md §3.6)."""
+    """Task × task share of jointly-kept parameters whose signs disagree (docs/methods.md, sign-conflict statistics)."""
     tasks = list(tasks)
     # a task never disagrees with itself: leave the diagonal blank rather than a misleading 0
     z = [[None if i == j else v for j, v in enumerate(_pct(row))] for i, row in enumerate(matrix)]
@@ -379,12 +380,16 @@ PARAM_SYMBOLS = {"lam": "λ", "k": "k"}
 
 
 def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: bool = False,
-                individual: Mapping[str, float] | None = None) -> go.Figure:
+                individual: Mapping[str, float] | None = None,
+                pretrained: Mapping[str, float] | None = None) -> go.Figure:
     """Accuracy vs the swept parameter, one line per method on the same axes.
 
     `results` are engine.sweep.SweepResult objects or their `to_json()` dicts (accuracies in %,
-    normalised averages as ratios); `metric` is "average" or a task name. Methods without the swept parameter appear as a flat dashed line
-    (their accuracy does not depend on it).
+    normalised averages as ratios); `metric` is "average" or a task name. Methods without the swept
+    parameter appear as a flat dashed line (their accuracy does not depend on it). With
+    `individual` (experts' own accuracies, %) and `pretrained` (θ_0's, %) per task, horizontal
+    reference lines show where the experts and the pretrained model stand on the same tasks, so a
+    curve can be read as "better than where we started" or not.
     """
     fig = go.Figure()
     params = set()
@@ -413,9 +418,20 @@ def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: 
                       dash="dot" if has_ri and not ri else "solid" if varies else "dash"),
             hovertemplate="%{x:g}: %{y:.1f} %<extra>" + label + "</extra>",
         )
-    if normalized:
-        fig.add_hline(y=100.0, line_dash="dot", line_color=COLORS["individual"],
-                      annotation_text="experts = 100 %", annotation_position="bottom right")
+    tasks = list(results[0]["tasks"]) if results else []
+    shown_tasks = tasks if metric == "average" else [metric]
+    if individual and all(t in individual for t in shown_tasks):
+        expert = float(np.mean([individual[t] for t in shown_tasks]))
+        fig.add_hline(y=100.0 if normalized else expert, line_dash="dot", line_color=COLORS["individual"],
+                      annotation_text="experts = 100 %" if normalized else f"experts {expert:.1f} %",
+                      annotation_position="top right")
+    if pretrained and all(t in pretrained for t in shown_tasks):
+        if normalized and individual and all(individual.get(t) for t in shown_tasks):
+            base = float(np.mean([100.0 * pretrained[t] / individual[t] for t in shown_tasks]))
+        else:
+            base = float(np.mean([pretrained[t] for t in shown_tasks]))
+        fig.add_hline(y=base, line_dash="dashdot", line_color=COLORS["pretrained"],
+                      annotation_text=f"pretrained θ₀ {base:.1f} %", annotation_position="bottom right")
     param = params.pop() if len(params) == 1 else "parameter"
     what = "average accuracy" if metric == "average" else f"accuracy on '{metric}'"
     y_title = ("normalised " if normalized else "") + ("average " if metric == "average" else "") + \
@@ -492,7 +508,7 @@ def accuracy_matrix_heatmap(result: Mapping[str, Any]) -> go.Figure:
 
 
 def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]], *, paper_range: bool = False) -> go.Figure:
-    """MINGLE gate activations (methods.md §4.14, the paper's Fig. 3): one panel per gate j.
+    """MINGLE gate activations (docs/methods.md, gate activations; the paper's Fig. 3): one panel per gate j.
 
     x: evaluated task in merge order; y: the gate's raw output averaged over tokens and images, then
     over layers, with a band of ± std across layers. The grey bar marks the gate's own task. `runs`

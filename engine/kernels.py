@@ -42,7 +42,7 @@ BRACKET_SIGMAS = 6.0
 # --------------------------------------------------------------------------------------------
 
 def keep_count(n: int, k_pct: float) -> int:
-    """Entries kept by a trim to k percent of n: ceil(k*n/100), at least one (methods.md §3.2)."""
+    """Entries kept by a trim to k percent of n: ceil(k*n/100), at least one (docs/methods.md, TIES-Merging)."""
     if n == 0:
         return 0
     return max(1, min(n, math.ceil(k_pct * n / 100.0 - 1e-9)))

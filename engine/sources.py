@@ -1,7 +1,10 @@
-"""Where the checkpoints come from: the demo zoo, a local folder, or explicit files.
+"""Where the checkpoints come from: a task suite (the demo zoo or a suite file), a local folder, or
+explicit files.
 
-A `Source` names the pretrained checkpoint, the experts and their task names, and (for a zoo) the
-evaluation data. The CLI (`--zoo` or `--base/--experts`) and the app's sidebar both resolve to one.
+A `Source` names the pretrained checkpoint, the experts and their task names, and (for a suite) the
+evaluation data: heads and test images. The CLI (`--zoo`, `--suite` or `--base/--experts`) and the
+app's sidebar both resolve to one. A plain folder or file list has no test data, so it supports
+merging and sign conflicts but not accuracy.
 """
 from __future__ import annotations
 
@@ -20,13 +23,13 @@ class Source:
     base_path: Path
     expert_paths: list[Path]
     tasks: list[str]
-    zoo: Any = None  # engine.zoo.manifest.Zoo when the source is a zoo (enables accuracy)
+    suite: Any = None  # engine.tasks.TaskSuite when the source has test data (enables accuracy)
     label: str = ""
     extra: dict = field(default_factory=dict)
 
     @property
     def can_evaluate(self) -> bool:
-        return self.zoo is not None
+        return self.suite is not None
 
     def select(self, tasks: Sequence[str] | None) -> "Source":
         """The same source restricted to some tasks (in the given order)."""
@@ -36,7 +39,8 @@ class Source:
         if unknown:
             raise ConfigError(f"unknown task {unknown[0]!r}; this source has: {', '.join(self.tasks)}")
         paths = {t: p for t, p in zip(self.tasks, self.expert_paths)}
-        return Source(self.base_path, [paths[t] for t in tasks], list(tasks), self.zoo, self.label, self.extra)
+        suite = self.suite.select(tasks) if self.suite is not None else None
+        return Source(self.base_path, [paths[t] for t in tasks], list(tasks), suite, self.label, self.extra)
 
 
 def _task_name(path: Path) -> str:
@@ -82,21 +86,46 @@ def discover_folder(folder: str | Path) -> Source:
     return Source(base[0], experts, [_task_name(p) for p in experts], label=str(root))
 
 
+def suite_source(suite) -> Source:
+    """A task suite (demo zoo or suite file): its experts in suite order, evaluation enabled."""
+    return Source(suite.pretrained_path, suite.expert_paths(), suite.task_names(), suite=suite, label=suite.label)
+
+
 def zoo_source(zoo) -> Source:
-    """The demo zoo (or any zoo with a manifest): experts in manifest order, evaluation enabled."""
-    return Source(zoo.pretrained_path, [zoo.expert_path(t) for t in zoo.task_names()], zoo.task_names(), zoo=zoo,
-                  label=str(zoo.root))
+    """The demo zoo (or any zoo with a manifest) as a Source."""
+    from .zoo.suite import ZooSuite
+
+    return suite_source(zoo if isinstance(zoo, ZooSuite) else ZooSuite.of(zoo))
 
 
-def resolve_source(*, zoo: str | Path | None = None, base: str | Path | None = None,
-                   experts: Sequence[str | Path] | None = None) -> Source:
-    """One of --zoo DIR or --base FILE --experts FILE..., never both."""
-    if zoo is not None and (base is not None or experts):
-        raise ConfigError("give either --zoo DIR or --base FILE --experts FILE ..., not both")
-    if zoo is not None:
-        from .zoo.manifest import load_zoo
+def load_task_suite(*, zoo: str | Path | None = None, suite: str | Path | None = None, limit: int | None = None):
+    """The TaskSuite of --zoo DIR or --suite FILE (exactly one)."""
+    if (zoo is None) == (suite is None):
+        raise ConfigError("give either --zoo DIR or --suite FILE")
+    if suite is not None:
+        from .suite_file import load_suite_file
 
-        return zoo_source(load_zoo(zoo))
+        return load_suite_file(suite, limit=limit)
+    from .zoo.manifest import load_zoo
+    from .zoo.suite import ZooSuite
+
+    if limit is None:
+        return ZooSuite.load(zoo)
+    loaded = ZooSuite(load_zoo(zoo))  # its own instance: the shared one keeps full test sets
+    loaded.default_limit = None if limit <= 0 else limit
+    return loaded
+
+
+def resolve_source(*, zoo: str | Path | None = None, suite: str | Path | None = None,
+                   base: str | Path | None = None, experts: Sequence[str | Path] | None = None,
+                   limit: int | None = None) -> Source:
+    """One of --zoo DIR, --suite FILE, or --base FILE --experts FILE..."""
+    given = [name for name, value in (("--zoo", zoo), ("--suite", suite), ("--base/--experts", base or experts))
+             if value]
+    if len(given) > 1:
+        raise ConfigError(f"give one of --zoo DIR, --suite FILE or --base FILE --experts FILE ..., not {' and '.join(given)}")
+    if zoo is not None or suite is not None:
+        return suite_source(load_task_suite(zoo=zoo, suite=suite, limit=limit))
     if base is None or not experts:
-        raise ConfigError("give --zoo DIR, or --base FILE together with --experts FILE [FILE ...]")
+        raise ConfigError("give --zoo DIR, --suite FILE, or --base FILE together with --experts FILE [FILE ...]")
     return explicit_source(base, experts)

@@ -52,6 +52,7 @@ class TaskVectorStack:
     data: torch.Tensor  # (T, D)
     base: dict[str, torch.Tensor]  # theta_0, every tensor (also those not merged), original dtypes
     sources: dict = field(default_factory=dict)  # provenance: paths (and hashes once computed)
+    kept_from_base: list[str] = field(default_factory=list)  # θ_0 tensors no expert has: never merged
     _cache: dict = field(default_factory=dict, repr=False)
 
     # ---- construction -----------------------------------------------------------------------
@@ -87,12 +88,20 @@ class TaskVectorStack:
             raise ConfigError("no expert checkpoints given: a merge needs at least one fine-tuned model")
         base = open_checkpoint(base_path)
         experts = [open_checkpoint(p) for p in expert_paths]
-        validate_compatible([base, *experts])
-        stack = cls._build(base.keys(), base.tensor, [e.tensor for e in experts], tasks, include, exclude, device,
-                           dtype, labels=[str(p) for p in expert_paths], base_label=str(base_path), progress=progress)
+        kept = validate_compatible([base, *experts])
+        stack = cls._build(base.keys(), base.tensor, [e.tensor for e in experts], tasks, include,
+                           [*(exclude or []), *kept], device, dtype, labels=[str(p) for p in expert_paths],
+                           base_label=str(base_path), progress=progress)
         stack.sources = {"base": str(base_path), "experts": [str(p) for p in expert_paths],
                          "readers": [base, *experts]}
+        stack.kept_from_base = kept
         return stack
+
+    @classmethod
+    def from_suite(cls, suite, tasks: Sequence[str] | None = None, **options) -> "TaskVectorStack":
+        """The task vectors of a suite's experts (all tasks, or `tasks` in that order)."""
+        tasks = list(tasks) if tasks else suite.task_names()
+        return cls.from_files(suite.pretrained_path, [suite.expert_path(t) for t in tasks], tasks, **options)
 
     @classmethod
     def _build(cls, all_names, read_base, read_experts, tasks, include, exclude, device, dtype, *, labels,
@@ -157,7 +166,8 @@ class TaskVectorStack:
         if rows == list(range(len(self.tasks))):
             return self
         return TaskVectorStack(tasks=list(tasks), names=self.names, shapes=self.shapes, offsets=self.offsets,
-                               data=self.data[rows].contiguous(), base=self.base, sources=self.sources)
+                               data=self.data[rows].contiguous(), base=self.base, sources=self.sources,
+                               kept_from_base=self.kept_from_base)
 
     def tensor_slices(self) -> Iterable[tuple[str, tuple[int, ...], slice]]:
         for i, name in enumerate(self.names):

@@ -1,6 +1,6 @@
 """TIES trimming: which entries of each task vector survive a keep-top-k% trim.
 
-Product convention (methods.md §3.2): k is in percent, 0 < k <= 100; a trim over n entries keeps the
+Product convention (docs/methods.md, TIES-Merging): k is in percent, 0 < k <= 100; a trim over n entries keeps the
 ceil(k*n/100) entries of largest magnitude, and entries equal to the threshold are kept too, so
 ties at the threshold may keep a few more. k = 100 keeps everything (no trim).
 

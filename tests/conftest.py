@@ -8,6 +8,15 @@ import pytest
 @pytest.fixture(scope="session")
 def quick_zoo(tmp_path_factory):
     """A `--quick` demo zoo (4 tasks, small splits), as an `engine.zoo.Zoo` (its folder is `.root`)."""
-    from engine.zoo import build_zoo
+    from engine.zoo.build import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("quick_zoo") / "zoo", quick=True)
+
+
+@pytest.fixture(scope="session")
+def quick_suite(quick_zoo):
+    """The quick zoo as the engine's shared task suite (`ZooSuite.of`): what evaluation, continual merging,
+    interference and RI take."""
+    from engine.zoo.suite import ZooSuite
+
+    return ZooSuite.of(quick_zoo)

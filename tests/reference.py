@@ -1,4 +1,4 @@
-"""Independent, deliberately naive implementations of methods.md, used only as test oracles.
+"""Independent, deliberately naive implementations of docs/methods.md, used only as test oracles.
 
 Written from the spec with plain full sorts and dense T x D tensors, sharing no code with the
 engine's kernels, so a bug in one is unlikely to be repeated in the other.
@@ -32,7 +32,7 @@ def trim_rows(rows: torch.Tensor, k_pct: float, spans=None) -> torch.Tensor:
 
 def ties(rows: torch.Tensor, k_pct: float, lam: float, disjoint: str = "mean", spans=None,
          tie_rule: str = "global_majority") -> torch.Tensor:
-    """TIES per methods.md §3.1-3.4 on a dense (T, D) float64 copy."""
+    """TIES per docs/methods.md (TIES-Merging) on a dense (T, D) float64 copy."""
     rows = rows.double()
     trimmed = trim_rows(rows, k_pct, spans)
     elected = torch.sign(trimmed.sum(0))
@@ -49,7 +49,7 @@ def ties(rows: torch.Tensor, k_pct: float, lam: float, disjoint: str = "mean", s
 
 
 def conflict_stats(trimmed: torch.Tensor) -> dict:
-    """Sign-conflict rates of methods.md §3.6 for a dense trimmed (T, D) tensor."""
+    """Sign-conflict rates of docs/methods.md for a dense trimmed (T, D) tensor."""
     pos = (trimmed > 0).sum(0)
     neg = (trimmed < 0).sum(0)
     nz = pos + neg

@@ -22,23 +22,9 @@ def zoo_root(quick_zoo) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def router_mode(monkeypatch):
-    """Run pages through app.py's st.navigation, as a live server does after its first run.
-
-    AppTest resets `PagesManager.uses_pages_directory` before every run and, because page scripts
-    live in `pages/`, would fall back to Streamlit's legacy mode (the page script run on its own,
-    no app.py). The pages handle that mode with a rerun (pages/_shared.start_page), but a rerun
-    drops button clicks, so tests pin the mode st.navigation itself sets.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    monkeypatch.setattr(PagesManager, "__init__", init)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Heads, decoded images and RI-adapted experts of these tests go to one temporary cache folder."""
+    monkeypatch.setenv("MERGE_EXPLORER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture
@@ -50,7 +36,7 @@ def app(quick_zoo, monkeypatch) -> AppTest:
 def open_page(at: AppTest, page: str | None = None) -> AppTest:
     at.run()
     if page:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"pages/views/{page}.py").run()
     assert_clean(at)
     return at
 
@@ -115,7 +101,7 @@ def zoo_root_tasks(quick_zoo) -> list[str]:
 def test_every_page_renders_without_exceptions(app):
     at = open_page(app)
     for page in ("merge", "interference", "sweep", "continual", "models"):
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"pages/views/{page}.py").run()
         assert_clean(at)
         assert not at.error, [e.value for e in at.error]
 
@@ -159,13 +145,33 @@ def test_moving_lambda_changes_the_merged_bars_and_normalised_view(app):
     assert qp(at, "norm") == "1" and float(qp(at, "lam")) == 0.5
 
 
-def test_failed_merge_shows_the_error_and_keeps_the_last_result(app):
+def test_the_k_slider_starts_above_zero_as_the_config_says(app):
+    from engine.methods import get_method
+
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("ties").run()
+    k = at.slider(key="w.merge.ties.k")
+    assert k.min == 1.0 and k.max == 100.0  # TiesConfig: k in (0, 100], step 1
+    tie = at.selectbox(key="w.merge.ties.tie_rule")
+    assert tie.format_func("global_majority") == get_method("ties").Config.__dataclass_fields__[
+        "tie_rule"].metadata["choice_labels"]["global_majority"] != "global_majority"
+
+
+def test_failed_merge_shows_the_error_and_keeps_the_last_result(app, monkeypatch):
+    from engine.errors import MergeExplorerError
+    from pages.ui import calls
+
     at = open_page(app, "merge")
     at.radio(key="w.merge.method").set_value("ties").run()
     before = trace(chart(at, "accuracy_chart"), "merged")["y"]
-    at.slider(key="w.merge.ties.k").set_value(0.0).run()  # k = 0 would trim everything away
+
+    def broken(*args, **kwargs):
+        raise MergeExplorerError("expert.safetensors: tensor 'x' contains NaN or Inf values")
+
+    monkeypatch.setattr(calls, "merge_report", broken)
+    at.slider(key="w.merge.ties.k").set_value(30.0).run()
     assert_clean(at)
-    assert at.error and "k" in at.error[0].value
+    assert at.error and "NaN" in at.error[0].value
     assert trace(chart(at, "accuracy_chart"), "merged")["y"] == before
     assert any("Still showing the last merge" in c.value for c in at.caption)
 
@@ -173,11 +179,11 @@ def test_failed_merge_shows_the_error_and_keeps_the_last_result(app):
 def test_merged_checkpoint_download_is_a_safetensors_file_with_provenance(app, tmp_path):
     import safetensors.torch
 
-    from pages import _shared as shared
+    from pages.ui import calls
 
     at = open_page(app, "merge")
     act = at.session_state["active"]
-    data = shared.merged_checkpoint_bytes(act, act.tasks, "ties", {"k": 20.0, "lam": 1.0})
+    data = calls.merged_checkpoint_bytes(act, act.tasks, "ties", {"k": 20.0, "lam": 1.0})
     tensors = safetensors.torch.load(data)
     assert set(act.stack.names) <= set(tensors)
     from safetensors import safe_open  # metadata: how the file was made
@@ -185,7 +191,9 @@ def test_merged_checkpoint_download_is_a_safetensors_file_with_provenance(app, t
     path.write_bytes(data)
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["merge_explorer"])
-    assert meta["method"] == "ties" and meta["config"]["k"] == 20.0 and meta["tasks"] == act.tasks
+    assert meta["method"] == "ties" and meta["hyperparameters"]["k"] == 20.0 and meta["tasks"] == act.tasks
+    # the same provenance `merge --out` writes: source files with their hashes
+    assert meta["base"]["sha256"] and [e["task"] for e in meta["experts"]] == act.tasks
 
 
 def test_a_link_reopens_the_same_merge_view(app):
@@ -300,8 +308,10 @@ def test_a_bad_folder_is_refused_with_a_clear_error_and_the_zoo_stays(app, tmp_p
     at.sidebar.radio(key="w.sidebar.source").set_value("folder").run()
     at.sidebar.text_input(key="w.sidebar.folder").input(str(tmp_path / "nope")).run()
     assert_clean(at)
-    assert at.sidebar.error and "not a folder" in at.sidebar.error[0].value
-    chart(at, "accuracy_chart")  # the previous source still serves the page
+    assert at.sidebar.error  # a short note in the sidebar, the reason where the eye is
+    assert at.error and "not a folder" in at.error[0].value and "cannot be used" in at.error[0].value
+    assert any("the last source that worked" in w.value and "demo zoo" in w.value for w in at.warning)
+    chart(at, "accuracy_chart")  # the previous source still serves the page, labelled as such
 
 
 def use_checkpoint_folder(at: AppTest, quick_zoo, folder: Path, n_tasks: int) -> None:
@@ -323,25 +333,29 @@ def test_a_folder_of_checkpoints_drives_the_interference_page(app, quick_zoo, tm
     assert_clean(at)
     assert not at.sidebar.error, [e.value for e in at.sidebar.error]
     assert metric(at, "Experts (tasks)") == "3"
-    at.switch_page("pages/interference.py").run()
+    at.switch_page("pages/views/interference.py").run()
     assert_clean(at)
     assert not math.isnan(pct(metric(at, "Conflicting parameters")))
     assert qp(at, "source") == "folder" and qp(at, "folder") == str(tmp_path)
-    at.switch_page("pages/merge.py").run()
+    at.switch_page("pages/views/merge.py").run()
     assert_clean(at)
-    assert any("no test sets" in i.value for i in at.info)
+    assert any("no test images" in i.value for i in at.info)
 
 
-def test_a_shared_link_opened_first_on_a_fresh_server_goes_through_app_py(quick_zoo, monkeypatch):
-    """Legacy pages/ mode (no router yet): the page reruns itself through app.py, sidebar included."""
+def test_pages_folder_holds_no_page_script_for_legacy_navigation():
+    """Streamlit's legacy navigation lists pages/*.py; the UI package keeps its scripts in pages/views/."""
+    pages = Path(APP).parent / "pages"
+    assert sorted(p.name for p in pages.glob("*.py")) == ["__init__.py"]
+
+
+def test_a_shared_link_opened_first_on_a_fresh_server_goes_through_app_py(app):
+    """AppTest starts every run like a fresh server: app.py routes, sidebar included, no private flags."""
     from streamlit.runtime.pages_manager import PagesManager
 
-    monkeypatch.undo()  # no router_mode pin: AppTest starts every run in legacy mode, like a fresh server
-    monkeypatch.setenv("MERGE_EXPLORER_ZOO", str(zoo_root(quick_zoo)))
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    at = app
     at.query_params.update({"method": "task-arithmetic", "lam": "0.6"})
     at.run()
-    at.switch_page("pages/merge.py").run()
+    at.switch_page("pages/views/merge.py").run()
     assert_clean(at)
     assert PagesManager.uses_pages_directory is False
     assert at.sidebar.radio(key="w.sidebar.source").value == "zoo"
@@ -478,13 +492,13 @@ def test_continual_gamma_comparison_runs_four_mingle_variants(app):
     assert len(at.dataframe) == 2
 
 
-def test_continual_page_on_a_folder_source_explains_it_needs_test_sets(app, quick_zoo, tmp_path):
+def test_continual_page_on_a_folder_source_explains_it_needs_test_images(app, quick_zoo, tmp_path):
     at = open_page(app)
     use_checkpoint_folder(at, quick_zoo, tmp_path, 2)
-    at.switch_page("pages/continual.py").run()
+    at.switch_page("pages/views/continual.py").run()
     assert_clean(at)
     assert not at.error, [e.value for e in at.error]
-    assert any("measured on test sets" in i.value for i in at.info)
+    assert any("measured on test images" in i.value for i in at.info)
     assert not [b for b in at.button if b.key in ("run_continual", "run_gamma")]
     assert not at.get("plotly_chart")
 
@@ -605,3 +619,75 @@ def test_continual_gamma_comparison_projects_even_when_projection_is_off_above(a
     for t in curves:
         by_variant.setdefault(t["name"], []).append(t["y"])
     assert by_variant["γ = 0 (hard projection)"] != by_variant["no projection"]
+
+
+# --------------------------------------------------------------------------- a suite file (real CLIP layout)
+
+
+@pytest.fixture(scope="module")
+def clip_suite(tmp_path_factory) -> Path:
+    from clip_fixtures import build_clip_suite
+
+    return build_clip_suite(tmp_path_factory.mktemp("clip_suite"), layout="hf")
+
+
+def use_suite(at: AppTest, suite: Path) -> None:
+    at.sidebar.radio(key="w.sidebar.source").set_value("suite").run()
+    at.sidebar.text_input(key="w.sidebar.suite").input(str(suite)).run()
+    assert_clean(at)
+    assert not at.sidebar.error, [e.value for e in at.sidebar.error]
+
+
+def test_a_suite_file_drives_merge_with_accuracy_bars(app, clip_suite):
+    from engine.evaluate import evaluate
+    from engine.suite_file import load_suite_file
+
+    at = open_page(app, "merge")
+    use_suite(at, clip_suite)
+    assert any("3 experts from the suite" in s.value for s in at.sidebar.success)
+    at.radio(key="w.merge.method").set_value("task-arithmetic").run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    bars = trace(chart(at, "accuracy_chart"), "merged")
+    assert bars["x"] == ["alpha", "beta", "gamma"]
+    # the page's numbers are the engine's, on the budget the sidebar says (200 images per task by default)
+    suite = load_suite_file(clip_suite)
+    stack = at.session_state["active"].stack
+    from engine.methods import get_method
+
+    ta = get_method("task-arithmetic")
+    expected = evaluate(suite, stack.apply(ta.merge(stack, ta.config(lam=0.3))), limit=200).per_task
+    assert bars["y"] == pytest.approx([expected[t] for t in bars["x"]], abs=1e-4)  # the report rounds to 4 decimals
+    assert any("test images per task" in c.value for c in at.caption)
+    assert any("visual_projection.weight" in c.value for c in at.caption)  # not merged: said, not silent
+    assert qp(at, "source") == "suite" and qp(at, "suite") == str(clip_suite)
+    # the source survives a page switch in the URL
+    at.switch_page("pages/views/sweep.py").run()
+    assert qp(at, "source") == "suite" and qp(at, "suite") == str(clip_suite)
+
+
+def test_a_suite_file_runs_continual_merging(app, clip_suite):
+    at = open_page(app, "continual")
+    use_suite(at, clip_suite)
+    at.multiselect(key="w.continual.continual_methods").set_value(["mingle", "opcm"]).run()
+    at.slider(key="w.continual.continual.mingle.steps").set_value(3).run()
+    at.button(key="run_continual").click().run()
+    assert_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    rows = table(at)
+    assert [r["method"] for r in rows] == ["MINGLE", "OPCM"]
+    heat = chart(at, "accuracy_matrix_chart")["data"][0]
+    assert sorted(heat["x"]) == ["alpha", "beta", "gamma"]
+    chart(at, "gate_panels_chart")
+
+
+def test_a_broken_suite_file_is_reported_on_the_page(app, tmp_path):
+    bad = tmp_path / "suite.toml"
+    bad.write_text("[model]\nopen_clip = \"no-such-architecture\"\npretrained = \"x.safetensors\"\n")
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    at = open_page(app, "merge")
+    at.sidebar.radio(key="w.sidebar.source").set_value("suite").run()
+    at.sidebar.text_input(key="w.sidebar.suite").input(str(bad)).run()
+    assert_clean(at)
+    assert at.error and "cannot be used" in at.error[0].value and "suite.toml" in at.error[0].value
+    assert any("the last source that worked" in w.value for w in at.warning)

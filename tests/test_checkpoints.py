@@ -1,4 +1,4 @@
-"""Checkpoint loading, key normalisation, validation and atomic saving (methods.md §6).
+"""Checkpoint loading, key normalisation, validation and atomic saving (docs/checkpoints.md).
 
 Everything runs on a tiny open_clip ViT (width 32, 2 layers) built here, so no download is needed.
 """
@@ -28,6 +28,8 @@ from engine.checkpoints import (
 )
 from engine.errors import CheckpointError
 
+pytestmark = pytest.mark.fast  # tiny towers built here: every test runs in well under a second
+
 LAYERS = 2
 TOWER = dict(
     image_size=32, patch_size=8, width=32, layers=LAYERS, heads=2, mlp_ratio=4.0, output_dim=16
@@ -35,7 +37,7 @@ TOWER = dict(
 
 
 def canonical_keys(layers: int = LAYERS) -> list[str]:
-    """The HF CLIPVisionModel layout without `vision_model.`, written out by hand (§6.1)."""
+    """The HF CLIPVisionModel layout without `vision_model.`, written out by hand."""
     keys = [
         "embeddings.class_embedding",
         "embeddings.patch_embedding.weight",
@@ -77,7 +79,7 @@ def canonical(open_clip_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in tensors.items()}
 
 
-# Leftovers of the text tower that open_clip / task_vectors saves keep (§6.2).
+# Leftovers of the text tower that open_clip / task_vectors saves keep.
 TEXT_LEFTOVERS = {
     "token_embedding.weight": torch.zeros(10, 32),
     "positional_embedding": torch.zeros(7, 32),
@@ -95,7 +97,7 @@ TEXT_LEFTOVERS = {
 def test_open_clip_files_normalise_to_the_hf_layout(tmp_path: Path, open_clip_sd) -> None:
     st_path = tmp_path / "expert.safetensors"
     save_file({"visual." + k: v for k, v in open_clip_sd.items()} | TEXT_LEFTOVERS, st_path)
-    pt_path = tmp_path / "expert.pt"  # task_vectors' ImageEncoder adds `model.` (§6.2)
+    pt_path = tmp_path / "expert.pt"  # task_vectors' ImageEncoder adds `model.`
     torch.save({"model.visual." + k: v for k, v in open_clip_sd.items()}
                | {"model." + k: v for k, v in TEXT_LEFTOVERS.items()}, pt_path)
 
@@ -171,7 +173,7 @@ def hf_state_dict(canonical: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     """A full-CLIPModel-like HF dict: the vision tower under `prefix`, plus text leftovers."""
     state = {prefix + k: v for k, v in canonical.items() if k != "visual_projection.weight"}
     return state | {
-        prefix + "embeddings.position_ids": torch.arange(17).unsqueeze(0),  # older saves (§6.1)
+        prefix + "embeddings.position_ids": torch.arange(17).unsqueeze(0),  # older saves
         "visual_projection.weight": canonical["visual_projection.weight"],
         "text_model.embeddings.token_embedding.weight": torch.zeros(10, 32),
         "text_model.embeddings.position_ids": torch.arange(7).unsqueeze(0),
@@ -180,7 +182,7 @@ def hf_state_dict(canonical: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     }
 
 
-@pytest.mark.parametrize("prefix", ["vision_model.", ""])  # transformers < 5 / >= 5 (§6.1)
+@pytest.mark.parametrize("prefix", ["vision_model.", ""])  # transformers < 5 / >= 5
 def test_hf_layout_with_or_without_vision_model_prefix(tmp_path: Path, canonical, prefix) -> None:
     save_file(hf_state_dict(canonical, prefix), tmp_path / "hf.safetensors")
     reader = open_checkpoint(tmp_path / "hf.safetensors")
@@ -305,7 +307,7 @@ class Exploit:
 
 
 class PickledEncoder(torch.nn.Module):
-    """Stands in for task_vectors' ImageEncoder, which is saved as a whole module (§6.3)."""
+    """Stands in for task_vectors' ImageEncoder, which is saved as a whole module."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -357,11 +359,94 @@ def test_validate_compatible_names_file_and_tensor(tmp_path, canonical, change, 
         validate_compatible(readers)
 
 
+def _without(canonical: dict[str, torch.Tensor], *names: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in canonical.items() if k not in names}
+
+
+def _readers(tmp_path: Path, **states: dict[str, torch.Tensor]) -> list[CheckpointReader]:
+    for name, tensors in states.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+    return [open_checkpoint(tmp_path / f"{name}.safetensors") for name in states]
+
+
 def test_validate_compatible_reads_no_tensor_data(tmp_path: Path, canonical, monkeypatch) -> None:
     save_file(canonical, tmp_path / "a.safetensors")
     save_file(canonical, tmp_path / "b.safetensors")
+    no_proj = _without(canonical, "visual_projection.weight")
+    save_file(no_proj, tmp_path / "c.safetensors")
+    save_file(no_proj, tmp_path / "d.safetensors")
     monkeypatch.setattr(CheckpointReader, "tensor", lambda self, name: pytest.fail("data was read"))
-    validate_compatible([open_checkpoint(tmp_path / f"{n}.safetensors") for n in "ab"])
+    assert validate_compatible([open_checkpoint(tmp_path / f"{n}.safetensors") for n in "ab"]) == []
+    assert validate_compatible([open_checkpoint(tmp_path / f"{n}.safetensors") for n in "acd"]) == [
+        "visual_projection.weight"]
+
+
+def test_validate_compatible_returns_the_tensors_no_expert_has(tmp_path: Path, canonical) -> None:
+    """FusionBench-style experts (HF CLIPVisionModel, no projection): those tensors stay at θ_0."""
+    absent = ["post_layernorm.bias", "visual_projection.weight"]
+    readers = _readers(tmp_path, base=canonical, svhn=_without(canonical, *absent),
+                       mnist=_without(canonical, *absent))
+    assert validate_compatible(readers) == absent  # sorted
+    assert validate_compatible(readers[:2]) == absent  # one expert alone lacks them: kept as well
+    assert validate_compatible(readers[:1]) == []  # the pretrained model alone: nothing to compare
+    assert validate_compatible([]) == []
+    assert validate_compatible(_readers(tmp_path, base2=canonical, full=canonical)) == []
+
+
+def test_a_tensor_that_only_some_experts_lack_is_still_an_error(tmp_path: Path, canonical) -> None:
+    name = "visual_projection.weight"
+    readers = _readers(tmp_path, base=canonical, good=canonical, svhn=_without(canonical, name),
+                       mnist=_without(canonical, name))
+    with pytest.raises(CheckpointError, match=f"svhn.safetensors: is missing tensor '{name}' present in the "
+                                              "pretrained model; all checkpoints must be fine-tuned from the "
+                                              "same base model as .*base.safetensors"):
+        validate_compatible(readers)
+    # the expert that has it may come last: still an error, naming the first expert that lacks it
+    with pytest.raises(CheckpointError, match=f"svhn.safetensors: is missing tensor '{name}'"):
+        validate_compatible([readers[0], readers[2], readers[3], readers[1]])
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("shape", r"tensor 'encoder.layers.1.mlp.fc1.weight' has shape \(64, 32\)"),
+    ("dtype", "tensor 'encoder.layers.1.mlp.fc1.weight' has dtype torch.float16"),
+    ("extra", "has extra tensor 'encoder.layers.2.mlp.fc1.weight'"),
+])
+def test_experts_without_the_projection_are_still_checked_tensor_by_tensor(tmp_path, canonical, change,
+                                                                           expected) -> None:
+    no_proj = _without(canonical, "visual_projection.weight")
+    readers = _readers(tmp_path, base=canonical, good=no_proj,
+                       svhn=_without(_changed(canonical, change), "visual_projection.weight"))
+    with pytest.raises(CheckpointError, match=f"svhn.safetensors: {expected}"):
+        validate_compatible(readers)
+
+
+def test_task_vectors_leave_tensors_no_expert_has_at_theta0(tmp_path: Path, canonical) -> None:
+    from engine.task_vectors import TaskVectorStack
+
+    gen = torch.Generator().manual_seed(5)
+    absent = "visual_projection.weight"
+    experts = []
+    for i in range(2):
+        tensors = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in _without(canonical, absent).items()}
+        save_file(tensors, tmp_path / f"expert{i}.safetensors")
+        experts.append(tmp_path / f"expert{i}.safetensors")
+    save_file(canonical, tmp_path / "base.safetensors")
+    stack = TaskVectorStack.from_files(tmp_path / "base.safetensors", experts, ["a", "b"])
+    assert stack.kept_from_base == [absent]
+    assert absent not in stack.names and set(stack.names) == set(canonical) - {absent}
+    assert stack.subset(["b"]).kept_from_base == [absent]
+    merged = stack.apply(stack.data.sum(0))
+    assert torch.equal(merged[absent], canonical[absent])  # θ_0's, bit for bit
+    name = "encoder.layers.0.mlp.fc1.weight"
+    expected = canonical[name] + sum(open_checkpoint(p).tensor(name) - canonical[name] for p in experts)
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+    # experts that have every tensor: nothing kept
+    full = TaskVectorStack.from_files(tmp_path / "base.safetensors", [tmp_path / "base.safetensors"], ["same"])
+    assert full.kept_from_base == [] and absent in full.names
+    # one expert with the tensor and one without: refused before anything is read
+    with pytest.raises(CheckpointError, match=f"expert0.safetensors: is missing tensor '{absent}'"):
+        TaskVectorStack.from_files(tmp_path / "base.safetensors", [tmp_path / "base.safetensors", experts[0]],
+                                   ["same", "a"])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -1,4 +1,7 @@
-"""`python -m engine merge|conflicts`: results against the reference, JSON contract, bad input -> exit 2."""
+"""`python -m engine merge|conflicts`: results against the reference, JSON contract, bad input -> exit 2.
+
+Tiny open_clip checkpoints written here (tests/helpers.py); one test merges and evaluates the session's
+quick zoo in-process (`--zoo --evaluate --limit`)."""
 from __future__ import annotations
 
 import json
@@ -61,6 +64,7 @@ def test_cli_ties_matches_reference(files, tmp_path, trim, disjoint):
                                           "tie_rule": "global_majority"}
     assert set(payload["timings"]) >= {"load_s", "merge_s", "save_s"}
     assert payload["out"] == str(out)
+    assert payload["kept_from_base"]["tensors"] == [] and payload["kept_from_base"]["why"]
 
     names, theta0, rows, spans = canonical_rows(base_path, expert_paths)
     expected = theta0 + ref.ties(rows, 30, 0.8, disjoint, spans if trim == "per-tensor" else None)
@@ -109,10 +113,97 @@ def test_cli_conflicts_json(files):
     assert payload["k_curve"]["rate_all"][k_index] == pytest.approx(payload["overall"]["rate_all"])
 
 
+def _without_projection(path: Path, out: Path) -> Path:
+    """An expert saved the way HF CLIPVisionModel (FusionBench) experts are: no visual projection."""
+    tensors = load_file(str(path))
+    del tensors["visual.proj"]
+    save_file(tensors, str(out))
+    return out
+
+
+def test_cli_keeps_tensors_no_expert_has_at_the_pretrained_values(files, tmp_path):
+    base_path, expert_paths = files
+    experts = [_without_projection(p, tmp_path / p.name) for p in expert_paths]
+    out = tmp_path / "merged.safetensors"
+    result = engine_cli("merge", "--method", "task-arithmetic", "--lam", "0.4", "--base", str(base_path),
+                        "--experts", *map(str, experts), "--out", str(out), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["kept_from_base"]["tensors"] == ["visual_projection.weight"]
+    assert "pretrained" in payload["kept_from_base"]["why"]
+    reader = open_checkpoint(out)
+    assert torch.equal(reader.tensor("visual_projection.weight"),
+                       open_checkpoint(base_path).tensor("visual_projection.weight"))  # θ_0's, bit for bit
+    # every other tensor is merged as before, and the count of merged parameters leaves the projection out
+    names, theta0, rows, _ = canonical_rows(base_path, expert_paths)
+    keep = [i for i, n in enumerate(names) if n != "visual_projection.weight"]
+    base = open_checkpoint(base_path)
+    sizes = [base.tensor(n).numel() for n in names]
+    assert payload["n_params_merged"] == sum(sizes) - sizes[names.index("visual_projection.weight")]
+    start = 0
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        if i in keep:
+            expected = theta0[start:start + size] + 0.4 * rows[:, start:start + size].sum(0)
+            assert float((reader.tensor(name).double().flatten() - expected).abs().max()) <= 1e-6, name
+        start += size
+    text = engine_cli("merge", "--method", "average", "--base", str(base_path), "--experts", *map(str, experts))
+    assert text.returncode == 0 and "kept at the pretrained values" in text.stdout
+    assert "visual_projection.weight" in text.stdout
+
+
+def test_cli_refuses_a_tensor_that_only_some_experts_lack(files, tmp_path):
+    base_path, expert_paths = files
+    odd = _without_projection(expert_paths[1], tmp_path / "svhn.safetensors")
+    result = engine_cli("merge", "--method", "ties", "--base", str(base_path), "--experts", str(expert_paths[0]),
+                        str(odd))
+    assert_clean_failure(result, "svhn.safetensors", "is missing tensor 'visual_projection.weight'")
+
+
+def test_merge_evaluates_a_zoo_under_a_limit(quick_zoo, capsys):
+    from engine.cli import main
+    from engine.evaluate import evaluate
+    from engine.methods.registry import get_merge_method
+    from engine.task_vectors import TaskVectorStack
+    from engine.zoo.suite import ZooSuite
+
+    tasks = quick_zoo.task_names()[:2]
+    code = main(["merge", "--zoo", str(quick_zoo.root), "--method", "ties", "--tasks", *tasks, "--evaluate",
+                 "--limit", "20", "--json", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    payload = json.loads(captured.out)
+    assert payload["tasks"] == tasks and payload["kept_from_base"]["tensors"] == []
+    accuracy = payload["accuracy"]
+    assert accuracy["n_images"] == {t: 20 for t in tasks} and accuracy["limit"] == 20
+    suite = ZooSuite.of(quick_zoo)
+    stack = TaskVectorStack.from_suite(suite, tasks)
+    ties = get_merge_method("ties")
+    expected = evaluate(suite, stack.apply(ties.merge(stack, ties.Config())), tasks=tasks, limit=20, device="cpu")
+    assert accuracy["per_task"] == {t: round(v, 4) for t, v in expected.per_task.items()}
+    assert accuracy["normalized"] == {t: round(v, 6) for t, v in expected.normalized.items()}
+
+
 def test_help_on_every_command():
     for command in ([], ["merge"], ["conflicts"]):
         result = engine_cli(*command, "--help")
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_every_command_that_takes_a_zoo_takes_a_suite_and_a_limit(capsys):
+    from engine.cli import main
+
+    for command in ("evaluate", "merge", "conflicts", "interference", "ri", "continual"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0
+        assert "--zoo" in out and "--suite FILE" in out and "--limit N" in out, command
+    with pytest.raises(SystemExit):
+        main(["interference", "--help"])
+    assert "--max-samples" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["ri", "--help"])
+    assert "--xi-max-samples" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,15 +251,19 @@ def test_non_finite_checkpoint(files, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["merge", "--method", "ties", "--k", "150"], "trim k"),
     (["merge", "--method", "ties", "--k", "abc"], "--k"),
-    (["merge", "--method", "average", "--lam", "0.5"], "no hyperparameter 'lam'"),
-    (["merge", "--method", "ties"], "--zoo"),
+    (["merge", "--method", "average", "--lam", "0.5"], "average has no setting 'lam'"),
+    (["merge", "--method", "ties"], "--zoo DIR, --suite FILE, or --base FILE"),
     (["merge", "--method", "ties", "--zoo", "/nonexistent/zoo"], "/nonexistent/zoo"),
+    (["merge", "--method", "ties", "--suite", "/nonexistent/suite.toml"], "/nonexistent/suite.toml: no such suite"),
+    (["merge", "--method", "ties", "--zoo", "/z", "--suite", "/s.toml"], "not --zoo and --suite"),
+    (["merge", "--method", "ties", "--evaluate"], "--evaluate needs --zoo DIR or --suite FILE"),
+    (["interference", "--method", "ties"], "interference needs --zoo DIR or --suite FILE"),
     (["merge", "--method", "ties", "--out", "merged.pt"], ".safetensors"),
     (["conflicts", "--k", "0"], "trim k"),
 ])
 def test_bad_arguments(files, args, fragment):
     base_path, expert_paths = files
-    if "--zoo" not in args and args[-1] != "ties":
+    if not {"--zoo", "--suite"} & set(args) and (args[-1] != "ties" or args[0] == "interference"):
         args = args + ["--base", str(base_path), "--experts", str(expert_paths[0])]
     assert_clean_failure(engine_cli(*args), fragment)
 

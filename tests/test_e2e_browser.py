@@ -48,40 +48,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(quick_zoo):
-    """The app as a user starts it, pointed at the quick zoo; yields its base URL."""
+def start_server(zoo_root: Path, cache: Path, log_name: str):
+    """`streamlit run app.py` on a free loopback port; returns (process, url, log file)."""
     ARTIFACTS.mkdir(exist_ok=True)
     port = _free_port()
-    env = {**os.environ, "MERGE_EXPLORER_ZOO": str(getattr(quick_zoo, "root", quick_zoo)),
+    env = {**os.environ, "MERGE_EXPLORER_ZOO": str(zoo_root), "MERGE_EXPLORER_CACHE": str(cache),
            "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    log = open(ARTIFACTS / "e2e-server.log", "w")
+    log = open(ARTIFACTS / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
          "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_until_healthy(proc, url: str, log_name: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"streamlit did not start: {(ARTIFACTS / log_name).read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(proc, log) -> None:
+    proc.terminate()
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                raise RuntimeError(f"streamlit did not start: {(ARTIFACTS / 'e2e-server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(quick_zoo, tmp_path_factory):
+    """The app as a user starts it, pointed at the quick zoo; yields its base URL."""
+    proc, url, log = start_server(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path_factory.mktemp("cache"),
+                                  "e2e-server.log")
+    try:
+        wait_until_healthy(proc, url, "e2e-server.log")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_server(proc, log)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +227,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     with safe_open(str(merged_path), "pt") as f:
         made_by = json.loads(f.metadata()["merge_explorer"])
         assert len(list(f.keys())) > 0
-    assert made_by["method"] == "ties" and made_by["config"]["k"] == 20.0
+    assert made_by["method"] == "ties" and made_by["hyperparameters"]["k"] == 20.0
     merged_path.unlink()
     settle(page)
 
@@ -318,4 +331,65 @@ def test_continual_and_ri_in_chromium(server, browser):
     assert "TIES-Merging + RI" in legend and "TIES-Merging (original experts)" in legend, legend
     assert_no_error_text(page)
     shot(page, "8-sweep-ri")
+    page.close()
+
+
+def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser, tmp_path):
+    """From the very first paint, the sidebar navigation is the app's own (Models, Merge, …): never
+    Streamlit's legacy list of script files (app, shared, merge, …)."""
+    proc, url, log = start_server(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path / "cache", "e2e-fresh.log")
+    try:
+        page = browser.new_page(viewport=VIEWPORT)
+        # Record every navigation entry the page ever shows, from before Streamlit's first render.
+        page.add_init_script("""
+            window.__navSeen = new Set();
+            new MutationObserver(() => {
+              document.querySelectorAll('[data-testid="stSidebarNav"] a, [data-testid="stSidebarNavLink"]')
+                .forEach(a => window.__navSeen.add(a.textContent.trim()));
+            }).observe(document, {subtree: true, childList: true, characterData: true});
+        """)
+        wait_until_healthy(proc, url, "e2e-fresh.log")
+        page.goto(url)
+        page.get_by_text("experts from the demo zoo").wait_for(timeout=STEP_TIMEOUT_MS)
+        settle(page)
+        seen = set(page.evaluate("() => Array.from(window.__navSeen)"))
+        assert seen, "no navigation was drawn"
+        assert seen <= {"Models", "Merge", "Interference", "Sweep", "Continual"}, seen
+        assert not seen & {"app", "shared", "merge", "models", "sweep", "continual", "interference"}, seen
+        page.close()
+    finally:
+        stop_server(proc, log)
+
+
+@pytest.fixture(scope="module")
+def suite_file(tmp_path_factory) -> Path:
+    from clip_fixtures import build_clip_suite
+
+    return build_clip_suite(tmp_path_factory.mktemp("e2e_suite"), layout="hf")
+
+
+def test_a_suite_file_in_chromium(server, browser, suite_file):
+    """A researcher's own CLIP (test-built suite, HF layout): Merge with accuracy bars, then Continual."""
+    from urllib.parse import quote
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    page.goto(f"{server}/merge?source=suite&suite={quote(str(suite_file))}&method=ties")
+    settle(page)
+    page.get_by_text("3 experts from the suite").wait_for()
+    wait_for_charts(page, 1)
+    legend = page.locator(".js-plotly-plot .legend").first.text_content()
+    assert "TIES-Merging" in legend and "individual expert" in legend
+    assert page.get_by_text("test images per task").count() >= 1
+    assert_no_error_text(page)
+    shot(page, "9-suite-merge")
+
+    go(page, "Continual")
+    wait_for_url_param(page, "source=suite")  # the source travels with the page switch
+    page.get_by_role("button", name="Run continual merging").click()
+    settle(page)
+    wait_for_charts(page, 2)
+    assert any("Accuracy matrix" in t for t in chart_titles(page))
+    assert_no_error_text(page)
+    shot(page, "10-suite-continual")
     page.close()

@@ -131,7 +131,7 @@ def test_conflict_vs_k_and_vs_n_tasks_with_baseline():
     assert len([t for t in fig.data if t.name.startswith("measured")]) == 2
     assert fig.layout.shapes[0].x0 == 20  # the current k is marked
 
-    # random baseline of methods.md §3.6 at k = 0.2: 1 - 2*0.9^n + 0.8^n
+    # random baseline of docs/methods.md at k = 0.2: 1 - 2*0.9^n + 0.8^n
     ns = [2, 3, 4]
     n_curve = {"n": ns, "rate_all": [0.03, 0.07, 0.12],
                "random_baseline": [1 - 2 * 0.9 ** n + 0.8 ** n for n in ns]}

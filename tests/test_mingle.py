@@ -1,4 +1,4 @@
-"""MINGLE's pieces on tiny layers where the answer is known (methods.md §4.3–4.7, checklist §4.9).
+"""MINGLE's pieces on tiny layers where the answer is known (docs/methods.md, MINGLE).
 
 Every test but the last two runs in well under a second: tiny matrices and a 2-block, width-16 open_clip
 ViT. The last two run MINGLE end to end on the quick demo zoo (the `quick_zoo` session fixture).
@@ -25,8 +25,9 @@ def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:
     return q
 
 
-# ---- expert construction (§4.3) -----------------------------------------------------------------
+# ---- expert construction -----------------------------------------------------------------
 
+@pytest.mark.fast
 def test_effective_rank_is_floor_exp_entropy():
     assert effective_rank(torch.tensor([1.0, 1.0, 1.0, 1.0])) == 4  # flat spectrum: exp(log 4) = 4
     assert effective_rank(torch.tensor([5.0, 0.0, 0.0])) == 1  # zeros do not give NaN (xlogy)
@@ -36,6 +37,7 @@ def test_effective_rank_is_floor_exp_entropy():
     assert effective_rank(s) == math.floor(math.exp(float(-(p * p.log()).sum())))
 
 
+@pytest.mark.fast
 def test_projection_removes_exactly_the_rho_by_rho_block():
     # Previous experts' sum with singular values (1, 1, 0, 0, ...) -> ρ = 2 (flat on two directions).
     d_out, d_in = 6, 5
@@ -54,11 +56,13 @@ def test_projection_removes_exactly_the_rho_by_rho_block():
     assert torch.allclose(c_after[mask], c_before[mask], atol=1e-12)
 
 
+@pytest.mark.fast
 def test_projection_is_a_no_op_for_the_first_task():
     delta = torch.randn(4, 3)
     assert torch.equal(project_out_previous(delta, None), delta)
 
 
+@pytest.mark.fast
 def test_expert_factors_are_the_rank_r_truncation():
     delta = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     b, a = low_rank_expert(delta, 2)
@@ -70,8 +74,9 @@ def test_expert_factors_are_the_rank_r_truncation():
     assert b_full.shape == (7, 5) and torch.allclose(b_full @ a_full, delta, atol=1e-12)
 
 
-# ---- gradient projection and relaxation (§4.6–4.7) ------------------------------------------------
+# ---- gradient projection and relaxation ------------------------------------------------
 
+@pytest.mark.fast
 def test_hard_projection_gradient_is_orthogonal_to_the_stored_subspace():
     basis = _orthonormal(8, 3, 4).float()
     grad = torch.randn(1, 8, generator=torch.Generator().manual_seed(5))
@@ -82,6 +87,7 @@ def test_hard_projection_gradient_is_orthogonal_to_the_stored_subspace():
     assert torch.allclose(score, 0.01 * r, atol=1e-7)
 
 
+@pytest.mark.fast
 def test_relaxation_factors_follow_exp_minus_gamma_s():
     basis = _orthonormal(6, 2, 6).float()
     grad = torch.randn(1, 6, generator=torch.Generator().manual_seed(7))
@@ -98,12 +104,14 @@ def test_relaxation_factors_follow_exp_minus_gamma_s():
     assert torch.allclose(projected - (projected @ basis) @ basis.T, off, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_no_subspace_means_no_projection():
     grad = torch.randn(1, 5)
     out, score = relaxed_projection(grad, torch.zeros(5, 0), torch.zeros(0), beta=0.99, gamma=1.0)
     assert torch.equal(out, grad) and score.numel() == 0
 
 
+@pytest.mark.fast
 def test_subspace_is_top_k_of_the_second_moment_and_accumulates_by_qr():
     directions = _orthonormal(6, 6, 8).float()
     x = torch.randn(500, 6, generator=torch.Generator().manual_seed(9)) * torch.tensor([5.0, 4.0, 3.0, 0.1, 0.1, 0.1])
@@ -119,6 +127,7 @@ def test_subspace_is_top_k_of_the_second_moment_and_accumulates_by_qr():
     assert capped.shape == (6, 6)
 
 
+@pytest.mark.fast
 def test_top_subspace_equals_the_svds_top_singular_vectors_and_k_zero_is_empty():
     x = torch.randn(300, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     x = x * torch.linspace(3.0, 0.5, 12, dtype=torch.float64)  # distinct variances: a well-defined top-k
@@ -133,6 +142,7 @@ def test_top_subspace_equals_the_svds_top_singular_vectors_and_k_zero_is_empty()
     assert top_subspace(moment, 50).shape == (12, 12)  # capped at d_in
 
 
+@pytest.mark.fast
 def test_svd_of_product_and_factored_projection_equal_the_dense_ones():
     from engine.methods.mingle import svd_of_product
 
@@ -149,6 +159,7 @@ def test_svd_of_product_and_factored_projection_equal_the_dense_ones():
                               atol=1e-10)
 
 
+@pytest.mark.fast
 def test_gated_linear_expert_factors_multiply_to_the_expert_sum():
     gen = torch.Generator().manual_seed(2)
     layer = GatedLinear(torch.randn(5, 4, generator=gen), None)
@@ -160,6 +171,7 @@ def test_gated_linear_expert_factors_multiply_to_the_expert_sum():
     assert torch.allclose(b_all @ a_all, layer.expert_sum(), atol=1e-6)
 
 
+@pytest.mark.fast
 def test_distillation_loss_is_soft_target_cross_entropy_without_t_squared():
     student, teacher = torch.randn(4, 3), torch.randn(4, 3)
     loss = distillation_loss(student, teacher, 2.0)
@@ -167,8 +179,9 @@ def test_distillation_loss_is_soft_target_cross_entropy_without_t_squared():
     assert torch.allclose(loss, -(p * torch.log_softmax(student / 2, -1)).sum(-1).mean())
 
 
-# ---- gated forward pass (§4.4) -------------------------------------------------------------------
+# ---- gated forward pass -------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_gated_linear_adds_gate_weighted_experts_to_w0():
     torch.manual_seed(0)
     w0, b0 = torch.randn(3, 4), torch.randn(3)
@@ -194,6 +207,7 @@ def test_gated_linear_adds_gate_weighted_experts_to_w0():
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
+@pytest.mark.fast
 def test_split_qkv_attention_matches_multihead_attention():
     torch.manual_seed(1)
     mha = nn.MultiheadAttention(16, 4, batch_first=True)
@@ -213,6 +227,7 @@ def _tiny_vit():
     return VisionTransformer(**TINY_VIT).eval()
 
 
+@pytest.mark.fast
 def test_wrapped_vit_with_zero_gates_equals_the_original():
     import copy
 
@@ -243,6 +258,7 @@ def _finetuned(theta0, seed):
             for k, v in theta0.items()}
 
 
+@pytest.mark.fast
 def test_two_tasks_train_only_the_newest_gate_and_keep_theta0_elsewhere():
     theta0 = _state(_tiny_vit())
     heads = [torch.randn(8, 4, generator=torch.Generator().manual_seed(s)) for s in (10, 11)]
@@ -257,14 +273,15 @@ def test_two_tasks_train_only_the_newest_gate_and_keep_theta0_elsewhere():
     mingle.step("b", _finetuned(theta0, 21), images, lambda f: 100 * f @ heads[1])
     assert torch.equal(layer.frozen_w[0], first_gate[0])  # the old gate never moved
     assert layer.num_experts == 2 and mingle.bases["encoder.layers.0.mlp.fc1"].shape == (16, 6)
-    # Biases and LayerNorms stay at θ_0 (methods.md §4.1).
+    # Biases and LayerNorms stay at θ_0 (docs/methods.md, MINGLE).
     assert torch.equal(layer.bias, theta0["encoder.layers.0.mlp.fc1.bias"])
     assert torch.equal(mingle.encoder.visual.ln_pre.weight, theta0["pre_layrnorm.weight"])
     assert len(mingle.logs[-1].losses) == 5
 
 
+@pytest.mark.fast
 def test_hard_projection_keeps_the_new_gate_orthogonal_to_the_protected_inputs_with_sgd_like_steps():
-    # With γ = 0, Adam's per-coordinate rescaling breaks exact orthogonality (methods.md §4.5), but the
+    # With γ = 0, Adam's per-coordinate rescaling breaks exact orthogonality (docs/methods.md, MINGLE), but the
     # *gradient* handed to the optimiser is orthogonal: check it by hooking the projection.
     theta0 = _state(_tiny_vit())
     head = torch.randn(8, 4, generator=torch.Generator().manual_seed(30))
@@ -288,6 +305,7 @@ def test_hard_projection_keeps_the_new_gate_orthogonal_to_the_protected_inputs_w
     assert seen and max(seen) < 1e-6
 
 
+@pytest.mark.fast
 def test_static_variant_uses_a_fixed_coefficient():
     theta0 = _state(_tiny_vit())
     mingle = Mingle(TINY_VIT, MingleConfig(rank=64, static=True, static_coef=0.3))
@@ -305,6 +323,7 @@ def test_static_variant_uses_a_fixed_coefficient():
     assert torch.allclose(encoder(images), build_encoder(TINY_VIT, expected_state)(images), atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad", [dict(gamma=-1.0), dict(layers="fc3"), dict(rank=0)])
 def test_config_is_validated(bad):
     from engine.errors import ConfigError
@@ -313,6 +332,41 @@ def test_config_is_validated(bad):
         Mingle(TINY_VIT, MingleConfig(**bad))
 
 
+@pytest.mark.fast
+def test_an_encoder_factory_and_vit_kwargs_give_the_same_run():
+    """`Mingle(encoder, ...)` takes a suite's `build_encoder` (state -> encoder) or VisionTransformer kwargs:
+    both build the same plain encoders (θ_0 to wrap, θ_t as teacher), so every number agrees bit for bit."""
+    from engine.methods.mingle import build_encoder, encoder_factory
+
+    theta0 = _state(_tiny_vit())
+    built = []
+
+    def factory(state):
+        built.append(state)
+        return build_encoder(TINY_VIT, state)
+
+    assert encoder_factory(factory) is factory
+    images = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(50))
+    head = torch.randn(8, 4, generator=torch.Generator().manual_seed(51))
+    outputs = []
+    for encoder in (TINY_VIT, factory):
+        torch.manual_seed(0)
+        mingle = Mingle(encoder, MingleConfig(rank=4, steps=3, batch_size=4))
+        mingle.init(theta0)
+        for task, seed in (("a", 52), ("b", 53)):
+            merged = mingle.step(task, _finetuned(theta0, seed), images, lambda f: 100 * f @ head)
+        with torch.no_grad():
+            outputs.append(merged(images))
+    assert torch.equal(outputs[0], outputs[1])
+    assert len(built) == 3  # θ_0 once, then one teacher per task
+    assert all(torch.equal(built[0][k], theta0[k]) for k in theta0)
+    with torch.no_grad():
+        plain = encoder_factory(TINY_VIT)(theta0)
+        wrapped = MingleEncoder.from_state_dict(factory, theta0)  # split q/k/v: the same function up to round-off
+        assert torch.allclose(wrapped(images), plain(images), atol=1e-5)
+
+
+@pytest.mark.fast
 def test_gate_activations_average_raw_gate_outputs_over_tokens_and_images():
     import copy
 
@@ -375,12 +429,15 @@ def test_cli_mingle_on_the_quick_zoo(quick_zoo):
     assert set(gates["per_layer"]) == set(gates["layers"])
 
 
-def test_mingle_static_qkv_fc1_on_the_quick_zoo(quick_zoo):
+def test_mingle_static_qkv_fc1_on_the_quick_zoo(quick_zoo, quick_suite):
     """MINGLE*-static in-process: no adaptation, gates fixed; the first step already differs from θ_0."""
-    from engine.continual import ZooSource, make_method, run_continual
+    from engine.continual import make_method, run_continual
 
-    source = ZooSource.from_dir(quick_zoo.root)
     config = MingleConfig(rank=8, layers="qkv-fc1", static=True)
-    result = run_continual(source, make_method("mingle", config, source.model_config), source.tasks[:2],
-                           seeds_per_class=1)
+    result = run_continual(quick_suite, make_method("mingle", config, quick_suite.build_encoder),
+                           quick_suite.tasks[:2], seeds_per_class=1)
     assert result.config["static"] and len(result.acc_matrix) == 2 and result.acc_matrix[1][1] is not None
+    # the suite's encoder factory and the manifest's VisionTransformer kwargs build the same MINGLE model
+    by_kwargs = run_continual(quick_suite, make_method("mingle", config, quick_zoo.model_config["kwargs"]),
+                              quick_suite.tasks[:2], seeds_per_class=1)
+    assert by_kwargs.acc_matrix == result.acc_matrix

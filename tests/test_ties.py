@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import reference as ref
 from engine.errors import ConfigError
-from engine.methods import METHODS, get_method
+from engine.methods import get_merge_method, get_method, merge_methods
 from engine.task_vectors import TaskVectorStack
 from engine.trim import trim_thresholds, trimmed
 
@@ -206,7 +206,10 @@ def test_bad_hyperparameters_raise_config_error(values, message):
         TIES.merge(stack_from_rows(HAND_ROWS), TIES.Config(**{**{"k": 20.0}, **values}))
 
 
-def test_registry_lists_the_three_methods():
-    assert list(METHODS) == ["average", "task-arithmetic", "ties"]
-    with pytest.raises(ConfigError, match="unknown merge method"):
-        get_method("dare")
+def test_registry_lists_the_three_one_shot_merges():
+    assert list(merge_methods()) == ["average", "task-arithmetic", "ties"]
+    with pytest.raises(ConfigError, match="unknown merge method 'dare'"):
+        get_merge_method("dare")
+    with pytest.raises(ConfigError, match="unknown merge method 'mingle'"):
+        get_merge_method("mingle")  # a continual-only method has no one-shot merge
+    assert get_method("mingle").family == "continual"

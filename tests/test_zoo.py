@@ -17,11 +17,15 @@ import torch
 from PIL import Image
 
 from engine.checkpoints import open_checkpoint
-from engine.evaluate import AccuracyReport, evaluate, evaluate_model, load_test_set, predict_logits, zoo_heads
-from engine.zoo import build_zoo, load_zoo
+from engine.errors import MergeExplorerError
+from engine.image_data import stratified_subset
+from engine.evaluate import AccuracyReport, as_suite, evaluate, evaluate_model, predict_logits
+from engine.zoo import load_zoo
+from engine.zoo.build import build_zoo
 from engine.zoo import tasks as zoo_tasks
 from engine.zoo.build import QUICK_RECIPE, RECIPE_VERSION
 from engine.zoo.manifest import MANIFEST_NAME, load_pretraining_pool
+from engine.zoo.suite import ZooSuite, preprocess_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,45 +83,173 @@ def test_the_manifest_describes_tasks_files_and_accuracies(quick_zoo):
     assert zoo.manifest["size_bytes"] < 100e6
 
 
-def test_checkpoints_are_open_clip_towers_with_frozen_unit_heads(quick_zoo):
+def test_checkpoints_are_open_clip_towers_with_frozen_unit_heads(quick_zoo, quick_suite):
     expert = open_checkpoint(quick_zoo.expert_path("digits"))
     base = open_checkpoint(quick_zoo.pretrained_path)
     assert expert.format == base.format == "open_clip"
     assert expert.keys() == base.keys() and "visual_projection.weight" in base.keys()
-    heads = zoo_heads(quick_zoo)
+    heads = quick_suite.heads()
+    assert list(heads) == quick_zoo.task_names()
     for task in quick_zoo.tasks:
         head = heads[task.name]
         assert head.shape == (len(task.classes), quick_zoo.model_config["kwargs"]["output_dim"])
         assert torch.allclose(head.norm(dim=1), torch.ones(len(task.classes)), atol=1e-5)
+        assert torch.equal(quick_suite.head(task.name), head)
     pool = load_pretraining_pool(quick_zoo)
     assert pool.shape == (QUICK_RECIPE.pool_stored, 32, 32, 3) and pool.dtype == np.uint8
+    assert np.array_equal(quick_suite.pool_images(), pool)
+
+
+# ---- the zoo as a task suite ------------------------------------------------------------------
+
+
+def test_the_zoo_suite_is_shared_and_describes_the_zoo(quick_zoo, quick_suite):
+    assert ZooSuite.of(quick_zoo) is quick_suite
+    assert ZooSuite.load(quick_zoo.root) is quick_suite  # the same build, read again: the same caches
+    assert as_suite(quick_suite) is quick_suite
+    from engine.sources import suite_source
+
+    source = suite_source(quick_suite)  # what --zoo resolves to on the CLI and in the app: it carries the suite
+    assert as_suite(source) is quick_suite and source.can_evaluate
+    assert source.tasks == quick_zoo.task_names() and source.base_path == quick_zoo.pretrained_path
+    assert quick_suite.kind == "zoo" and str(quick_zoo.root) in quick_suite.label
+    assert quick_suite.task_names() == quick_zoo.task_names() and quick_suite.logit_scale == 100.0
+    assert quick_suite.pretrained_path == quick_zoo.pretrained_path
+    assert quick_suite.expert_paths() == [quick_zoo.expert_path(t) for t in quick_zoo.task_names()]
+    for task in quick_zoo.tasks:
+        assert quick_suite.classes(task.name) == task.classes and quick_suite.num_classes(task.name) == len(task.classes)
+        assert quick_suite.description(task.name) == task.description
+    # `select` keeps the order asked for; `reference` of an untouched zoo is itself
+    two = quick_zoo.task_names()[:2][::-1]
+    assert quick_suite.select(two).task_names() == two and quick_suite.select(None) is quick_suite
+    assert quick_suite.reference is quick_suite
+    with pytest.raises(MergeExplorerError, match="unknown task 'nope'"):
+        quick_suite.check_task("nope")
+    with pytest.raises(MergeExplorerError, match="unknown model 'nope'"):
+        quick_suite.resolve_weights("nope")
+
+
+def test_suite_weights_are_canonical_and_load_into_its_encoder(quick_zoo, quick_suite):
+    from engine.methods.mingle import build_encoder
+
+    task = quick_zoo.task_names()[0]
+    reader = open_checkpoint(quick_zoo.expert_path(task))
+    theta = quick_suite.theta(task)
+    assert sorted(theta) == reader.keys() and all(torch.equal(theta[k], reader.tensor(k)) for k in theta)
+    assert sorted(quick_suite.theta0()) == reader.keys()
+    for weights in (task, str(quick_zoo.expert_path(task)), theta):
+        resolved = quick_suite.resolve_weights(weights)
+        assert all(torch.equal(resolved[k], theta[k]) for k in theta)
+    pretrained = quick_suite.resolve_weights("pretrained")
+    assert all(torch.equal(pretrained[k], v) for k, v in quick_suite.theta0().items())
+    # a partial state dict is completed from θ_0; a foreign tensor is refused
+    name = sorted(theta)[0]
+    partial = quick_suite.complete({name: theta[name]})
+    assert torch.equal(partial[name], theta[name]) and set(partial) == set(theta)
+    other = sorted(theta)[1]
+    assert torch.equal(partial[other], quick_suite.theta0()[other])
+    with pytest.raises(MergeExplorerError, match="'no.such.tensor' is not part of"):
+        quick_suite.complete({"no.such.tensor": torch.zeros(1)})
+    # the suite's encoder is the zoo's open_clip tower: the same function as one built from the manifest's kwargs
+    images = quick_suite.test_set(task)[0][:8]
+    encoder = quick_suite.build_encoder(theta)
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    with torch.no_grad():
+        assert torch.equal(encoder(images), build_encoder(quick_zoo.model_config["kwargs"], theta)(images))
+
+
+def test_test_sets_are_model_ready_and_limits_are_seeded_stratified_subsets(quick_zoo, quick_suite):
+    task = quick_zoo.task_names()[2]
+    raw, raw_labels = quick_zoo.test_split(task)
+    images, labels = quick_suite.test_set(task)
+    assert images.dtype == torch.float32 and images.shape == (len(raw), 3, 32, 32)
+    assert torch.equal(labels, torch.as_tensor(raw_labels).long())
+    assert torch.equal(images, quick_suite.model_input(raw))  # ÷255 and CLIP mean/std, exactly as the build
+    assert torch.equal(images, preprocess_images(quick_zoo.model_config, raw))
+    assert quick_suite.model_input(images) is images  # float input is taken as already preprocessed
+    with pytest.raises(MergeExplorerError, match="uint8"):
+        quick_suite.model_input(raw[..., :2])
+    split = quick_suite.test_split(task)
+    assert len(split) == len(raw) and quick_suite.test_split(task) is split  # cached
+    assert quick_suite.resolve_limit(None) is None and quick_suite.resolve_limit(0) is None
+    assert quick_suite.resolve_limit(-3) is None and quick_suite.resolve_limit(7) == 7
+    assert len(quick_suite.test_set(task, limit=0)[1]) == len(raw)  # 0 = the full split
+    assert len(quick_suite.test_set(task, limit=10 * len(raw))[1]) == len(raw)
+
+    n_classes = quick_suite.num_classes(task)
+    limit = 3 * n_classes + 1
+    sub_images, sub_labels = quick_suite.test_set(task, limit=limit)
+    assert len(sub_labels) == limit
+    counts = torch.bincount(sub_labels, minlength=n_classes)
+    full = torch.bincount(labels, minlength=n_classes).double()
+    assert torch.all((counts - full * limit / len(raw)).abs() < 1)  # each class keeps its share
+    # the subset is a seeded choice of the split's own images, in split order, and the same every time
+    again_images, again_labels = ZooSuite(quick_zoo).test_set(task, limit=limit)
+    assert torch.equal(sub_images, again_images) and torch.equal(sub_labels, again_labels)
+    rows = stratified_subset(raw_labels, limit, seed=0)
+    assert list(rows) == sorted(set(rows.tolist())) and list(rows) != list(range(limit))  # not simply the first N
+    assert torch.equal(sub_images, images[rows]) and torch.equal(sub_labels, labels[rows])
 
 
 # ---- evaluation -----------------------------------------------------------------------------
 
 
-def test_evaluate_takes_canonical_weights_names_or_files(quick_zoo):
+def test_evaluate_takes_canonical_weights_names_or_files(quick_zoo, quick_suite):
     reader = open_checkpoint(quick_zoo.expert_path("colors"))
     canonical = {name: reader.tensor(name) for name in reader.keys()}
-    by_weights = evaluate(quick_zoo, canonical)
-    by_name = evaluate_model(quick_zoo, "colors")
-    by_file = evaluate_model(quick_zoo, str(quick_zoo.expert_path("colors")))
+    by_weights = evaluate(quick_suite, canonical)
+    by_name = evaluate_model(quick_suite, "colors")
+    by_file = evaluate_model(quick_suite, str(quick_zoo.expert_path("colors")))
+    by_suite = evaluate(ZooSuite.load(quick_zoo.root), "colors")  # the zoo read again: the same suite, numbers
     assert isinstance(by_weights, AccuracyReport)
-    assert by_weights.per_task == by_name.per_task == by_file.per_task
+    assert by_weights.per_task == by_name.per_task == by_file.per_task == by_suite.per_task
     assert by_name.per_task["colors"] == quick_zoo.task("colors").accuracy["finetuned"]
     assert by_name.normalized["colors"] == pytest.approx(1.0)
-    only = evaluate(quick_zoo, "pretrained", tasks=["arrows"])
-    assert list(only.per_task) == ["arrows"]
+    assert by_name.n_images == {t.name: t.n_test for t in quick_zoo.tasks} and by_name.limit is None
+    only = evaluate(quick_suite, "pretrained", tasks=["arrows"])
+    assert list(only.per_task) == ["arrows"] and list(only.n_images) == ["arrows"]
+    assert only.per_task["arrows"] == quick_zoo.task("arrows").accuracy["pretrained"]
+    payload = by_name.to_json()
+    assert payload["n_images"] == by_name.n_images and payload["limit"] is None
+    json.dumps(payload)
 
 
-def test_predict_logits_are_clip_logits_at_scale_100(quick_zoo):
-    images, labels = load_test_set(quick_zoo, "arrows")
+def test_a_bare_zoo_object_is_refused_with_the_way_to_wrap_it(quick_zoo, quick_suite):
+    """Every consumer takes a task suite; a `Zoo` (the manifest) is wrapped once, by `ZooSuite.of`."""
+    with pytest.raises(MergeExplorerError, match=r"ZooSuite\.of\(zoo\)"):
+        evaluate(quick_zoo, "colors")
+    assert as_suite(quick_suite) is quick_suite
+
+
+def test_evaluate_with_a_limit_normalises_by_the_expert_on_the_same_images(quick_zoo, quick_suite):
+    task, limit = "colors", 9
+    report = evaluate(quick_suite, "pretrained", tasks=[task], limit=limit)
+    assert report.n_images == {task: limit} and report.limit == limit
+    images, labels = quick_suite.test_set(task, limit=limit)
+    with torch.no_grad():
+        logits = quick_suite.logits_fn(task)(quick_suite.build_encoder(quick_suite.theta0())(images))
+    assert report.per_task[task] == pytest.approx(100.0 * float((logits.argmax(-1) == labels).double().mean()))
+    # the expert's accuracy on those same 9 images is measured (the manifest has full-split numbers only)
+    expert = quick_suite.expert_accuracy(task, limit=limit)
+    assert expert == evaluate(quick_suite, task, tasks=[task], limit=limit).per_task[task]
+    assert report.normalized[task] == pytest.approx(report.per_task[task] / expert)
+    assert quick_suite.expert_accuracy(task) == quick_zoo.task(task).accuracy["finetuned"]
+    assert evaluate(quick_suite, "pretrained", tasks=[task], limit=0).n_images == {task: quick_zoo.task(task).n_test}
+
+
+def test_predict_logits_are_clip_logits_at_scale_100(quick_zoo, quick_suite):
+    images, labels = quick_suite.test_set("arrows")
     assert images.dtype == torch.float32 and images.shape[1:] == (3, 32, 32) and len(labels) == len(images)
     raw, _ = quick_zoo.test_split("arrows")
-    logits = predict_logits(quick_zoo, "arrows", "arrows", raw[:16])  # uint8 images are preprocessed
+    logits = predict_logits(quick_suite, "arrows", "arrows", quick_suite.model_input(raw[:16]))
     assert logits.shape == (16, len(quick_zoo.task("arrows").classes))
     assert logits.abs().max() <= 100.0 + 1e-3  # 100 * cosine
-    assert torch.allclose(logits, predict_logits(quick_zoo, "arrows", "arrows", images[:16]), atol=1e-4)
+    assert torch.allclose(logits, predict_logits(quick_suite, "arrows", "arrows", images[:16]), atol=1e-4)
+    # the same logits as the suite's head function on the expert's features
+    with torch.no_grad():
+        by_hand = quick_suite.logits_fn("arrows")(quick_suite.build_encoder(quick_suite.theta("arrows"))(images[:16]))
+    assert torch.allclose(logits, by_hand, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), by_hand.argmax(-1))
 
 
 def test_evaluate_cli_json_reproduces_the_manifest(quick_zoo):
@@ -125,14 +257,23 @@ def test_evaluate_cli_json_reproduces_the_manifest(quick_zoo):
     done = engine_cli("evaluate", "--zoo", str(quick_zoo.root), "--model", task, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert set(report) == {"per_task", "average", "normalized", "normalized_average"}
+    assert set(report) == {"per_task", "average", "normalized", "normalized_average", "n_images", "limit"}
     assert list(report["per_task"]) == quick_zoo.task_names()
     assert report["per_task"][task] == quick_zoo.task(task).accuracy["finetuned"]
     assert report["normalized"][task] == 1.0
+    assert report["n_images"] == {t.name: t.n_test for t in quick_zoo.tasks} and report["limit"] is None
 
     done = engine_cli("evaluate", "--zoo", str(quick_zoo.root), "--model", "pretrained", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["per_task"] == quick_zoo.table["pretrained"]["per_task"]
+
+    done = engine_cli("evaluate", "--zoo", str(quick_zoo.root), "--model", "pretrained", "--limit", "9",
+                      "--tasks", task, "--json")
+    assert done.returncode == 0, done.stderr
+    limited = json.loads(done.stdout)
+    assert limited["n_images"] == {task: 9} and limited["limit"] == 9
+    assert limited["per_task"][task] == round(
+        evaluate(ZooSuite.of(quick_zoo), "pretrained", tasks=[task], limit=9).per_task[task], 4)
 
 
 def test_evaluate_cli_refuses_bad_input_with_one_line(quick_zoo, tmp_path):
@@ -143,6 +284,14 @@ def test_evaluate_cli_refuses_bad_input_with_one_line(quick_zoo, tmp_path):
     done = engine_cli("evaluate", "--zoo", str(tmp_path / "nowhere"), "--json")
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "zoo build" in done.stderr
+
+    done = engine_cli("evaluate", "--zoo", str(quick_zoo.root), "--suite", str(tmp_path / "s.toml"), "--json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "either --zoo DIR or --suite FILE" in done.stderr
+
+    done = engine_cli("evaluate", "--suite", str(tmp_path / "missing.toml"), "--json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "no such suite file" in done.stderr
 
 
 # ---- the tasks --------------------------------------------------------------------------------

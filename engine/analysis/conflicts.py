@@ -1,4 +1,4 @@
-"""Sign conflicts between trimmed task vectors: the product's central plot (methods.md §3.6).
+"""Sign conflicts between trimmed task vectors: the product's central plot (docs/methods.md, sign-conflict statistics).
 
 For trimmed vectors tau_hat (TIES trim at k %, same scope as the merge), with pos/neg the number of
 tasks whose kept entry p is positive/negative and nz = pos + neg:
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
 
 
 def random_sign_baseline(n_tasks: int, k_pct: float) -> dict[str, float]:
-    """Conflict rates if masks were independent with density k and signs fair coins (methods.md §3.6)."""
+    """Conflict rates if masks were independent with density k and signs fair coins (docs/methods.md, sign-conflict statistics)."""
     k = k_pct / 100.0
     n = n_tasks
     p_conflict = 1 - 2 * (1 - k / 2) ** n + (1 - k) ** n

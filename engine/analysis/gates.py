@@ -1,4 +1,4 @@
-"""MINGLE gate activations, recorded with forward hooks (methods.md §4.14, the paper's Fig. 3).
+"""MINGLE gate activations, recorded with forward hooks (the MINGLE paper's Fig. 3; docs/methods.md).
 
 Pass each task's full test set through the final merged encoder; in every gated layer, a forward
 pre-hook evaluates all gates g_j(x) = w_jᵀx + b_j on every token (raw values, no softmax) and sums
@@ -32,10 +32,23 @@ class GateStats:
         """(gates, eval tasks): std across layers (population)."""
         return self.per_layer.std(0)
 
+    def own_gate_highest(self) -> dict[str, bool]:
+        """Per evaluated task that has a gate: whether its own gate has the highest mean activation
+        (over layers) on its test images, i.e. whether the gates route that task to its expert."""
+        mean = self.mean
+        out = {}
+        for i, task in enumerate(self.eval_tasks):
+            if task in self.gate_tasks:
+                own = self.gate_tasks.index(task)
+                out[task] = bool(mean[own, i] >= mean[:, i].max())
+        return out
+
     def to_json(self) -> dict:
+        routed = self.own_gate_highest()
         return {"gate_tasks": self.gate_tasks, "eval_tasks": self.eval_tasks, "layers": self.layers,
                 "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "per_layer": {name: self.per_layer[i].tolist() for i, name in enumerate(self.layers)}}
+                "per_layer": {name: self.per_layer[i].tolist() for i, name in enumerate(self.layers)},
+                "own_gate_highest": routed, "routed_tasks": sum(routed.values())}
 
 
 @torch.no_grad()

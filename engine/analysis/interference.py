@@ -1,15 +1,15 @@
-"""Cross-task interference ξ of a merged model (Resolving Interference, methods.md §5.1).
+"""Cross-task interference ξ of a merged model (Resolving Interference, docs/methods.md).
 
     ξ(θ_m) = Σ_t E_{x∼D_t}[ KL( softmax h_t(f(x; θ_t)) ‖ softmax h_t(f(x; θ_m)) ) ]
 
 For every task t the expert θ_t is the teacher and the merged model θ_m the student, both read
-through task t's own frozen head h_t (the logits already carry CLIP's logit scale of 100, §6.4), on
+through task t's own frozen head h_t (the logits already carry CLIP's logit scale of 100), on
 task t's *test* images. ξ = 0 means the merge reproduces every expert under that expert's head.
 ξ needs task data, so it is an analysis metric only; RI's training never sees it.
 
 Units: nats per test image. `total` is the paper's sum over tasks; `mean` (total / T) is what to
 compare across different task counts (whether the paper's figures sum or average is unconfirmed,
-§5.1, so both are reported).
+so both are reported).
 
 The expert's test-set logits do not depend on the merge, so `measure_interference` caches them per
 (expert file, size, mtime, task): a sweep over merges pays for the experts once.
@@ -33,7 +33,7 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *,
 
     reduction="mean" averages over the batch (PyTorch's "batchmean"), "none" gives one value per row.
     Computed from log-softmaxes (never from probabilities) so a confident teacher cannot give 0·log 0.
-    The temperature divides both logits; at 1 (the default, methods.md §5.3 [inferred]) the CLIP logit
+    The temperature divides both logits; at 1 (the default, our choice: docs/methods.md, RI) the CLIP logit
     scale of 100 that the heads carry is what sets the sharpness.
     """
     if teacher_logits.shape != student_logits.shape:
@@ -83,7 +83,7 @@ def interference_from_logits(expert_logits: Mapping[str, torch.Tensor],
 
 
 # --------------------------------------------------------------------------------------------
-# On a zoo: test images and heads come from the zoo (engine.evaluate)
+# On a task suite: test images and heads come from the suite (engine.evaluate)
 # --------------------------------------------------------------------------------------------
 
 _EXPERT_LOGITS: dict[tuple, torch.Tensor] = {}
@@ -94,81 +94,57 @@ def _file_key(path: str | Path) -> tuple:
     try:
         stat = os.stat(path)
         return str(path.resolve()), stat.st_size, stat.st_mtime_ns
-    except OSError:  # HF folders etc.: fall back to the path alone
+    except OSError:
         return str(path), None, None
 
 
-def expert_test_logits(zoo, task: str, *, max_samples: int | None = None, device: str = "cpu") -> torch.Tensor:
-    """Expert `task`'s logits on task `task`'s test set under its own head (cached per expert file)."""
-    from ..checkpoints import open_checkpoint
+def _test_images(suite, task: str, limit: int | None) -> torch.Tensor:
+    return suite.test_set(task, limit)[0]
 
-    path = zoo.expert_path(task)
-    key = (_file_key(path), _file_key(zoo.root / "zoo.json") if hasattr(zoo, "root") else None, task,
-           max_samples, str(device))
+
+def expert_test_logits(suite, task: str, *, limit: int | None = None, device: str = "cpu") -> torch.Tensor:
+    """Expert `task`'s logits on task `task`'s test images under its own head (cached per expert file)."""
+    from ..evaluate import predict_logits
+
+    key = (_file_key(suite.expert_path(task)), suite.cache_key, task, suite.resolve_limit(limit), str(device))
     if key not in _EXPERT_LOGITS:
-        reader = open_checkpoint(path)
-        weights = {name: reader.tensor(name) for name in reader.keys()}
-        images = _test_images(zoo, task, max_samples)
-        _EXPERT_LOGITS[key] = _predict(zoo, weights, task, images, device).float().cpu()
+        images = _test_images(suite, task, limit)
+        _EXPERT_LOGITS[key] = predict_logits(suite, task, task, images, device=device).float().cpu()
     return _EXPERT_LOGITS[key]
 
 
-def _predict(zoo, weights, task: str, images, device: str) -> torch.Tensor:
-    """engine.evaluate.predict_logits(zoo, weights, task, images), passing `device` only off the CPU."""
-    from ..evaluate import predict_logits
-
-    if str(device) == "cpu":
-        return predict_logits(zoo, weights, task, images)
-    return predict_logits(zoo, weights, task, images, device=device)
-
-
-def _test_images(zoo, task: str, max_samples: int | None):
-    from ..evaluate import load_test_set
-
-    test = load_test_set(zoo, task)
-    images = test[0] if isinstance(test, tuple) else getattr(test, "images", test)
-    return images if max_samples is None else images[:max_samples]
-
-
-def measure_interference(zoo, merged: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None, *,
-                         max_samples: int | None = None, device: str = "cpu",
+def measure_interference(suite, merged: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None, *,
+                         limit: int | None = None, device: str = "cpu", reference: str = "auto",
                          progress: Callable[[float, str], None] | None = None) -> InterferenceReport:
-    """ξ of the merged canonical state dict `merged` against the zoo's experts, per task and in total."""
-    tasks = list(tasks) if tasks else list(zoo.task_names())
-    unknown = [t for t in tasks if t not in zoo.task_names()]
-    if unknown:
-        raise ConfigError(f"unknown task {unknown[0]!r}; the zoo has: {', '.join(zoo.task_names())}")
+    """ξ of the merged canonical state dict `merged` against the experts, per task and in total.
+
+    The teachers are `reference_suite(suite, reference)`'s experts: for RI-adapted experts, by default
+    the ORIGINAL ones (the adapted experts are a means; what one wanted to merge are the originals).
+    """
+    from ..evaluate import as_suite, predict_logits
+
+    suite = as_suite(suite)
+    teachers = reference_suite(suite, reference)
+    tasks = list(tasks) if tasks else suite.task_names()
+    for t in tasks:
+        suite.check_task(t)
     expert, student = {}, {}
     for i, task in enumerate(tasks):
-        expert[task] = expert_test_logits(zoo, task, max_samples=max_samples, device=device)
-        images = _test_images(zoo, task, max_samples)
-        student[task] = _predict(zoo, merged, task, images, device).float().cpu()
+        expert[task] = expert_test_logits(teachers, task, limit=limit, device=device)
+        images = _test_images(suite, task, limit)
+        student[task] = predict_logits(suite, merged, task, images, device=device).float().cpu()
         if progress is not None:
             progress((i + 1) / len(tasks), f"ξ on {task}")
     return interference_from_logits(expert, student)
 
 
-def reference_zoo(zoo, which: str = "auto"):
-    """The zoo whose experts ξ is measured against.
-
-    ξ asks how far a merge is from the experts one wanted to merge. For an RI-adapted zoo those are
-    the ORIGINAL experts (the adapted ones are a means), so "auto" uses the source zoo recorded in
-    the manifest when it still exists, else the zoo's own experts; "own" and "original" force one.
-    """
-    from pathlib import Path
-
-    from ..methods.ri import ri_record
-    from ..zoo.manifest import load_zoo
-
+def reference_suite(suite, which: str = "auto"):
+    """The suite whose experts ξ is measured against: "auto"/"original" = the original experts (the
+    suite's `reference`, itself unless its experts were RI-adapted), "own" = the suite's own experts."""
     if which not in ("auto", "own", "original"):
         raise ConfigError(f"reference must be auto, own or original, got {which!r}")
     if which == "own":
-        return zoo
-    record = ri_record(zoo)
-    source = Path(record["source_zoo"]) if record and record.get("source_zoo") else None
-    if source is None or not source.is_dir():
-        if which == "original":
-            raise ConfigError(f"{zoo.root}: " + ("is not an RI-adapted zoo" if source is None else
-                              f"its original zoo {source} is gone") + "; use --reference own")
-        return zoo
-    return load_zoo(source)
+        return suite
+    if which == "original" and suite.reference is suite:
+        raise ConfigError(f"{suite.label}: its experts are not RI-adapted; use --reference own")
+    return suite.reference

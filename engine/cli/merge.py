@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     parser.add_argument("--include", nargs="+", metavar="GLOB", help="merge only tensors whose canonical name matches")
     parser.add_argument("--exclude", nargs="+", metavar="GLOB", help="leave tensors whose name matches at theta_0")
     parser.add_argument("--out", metavar="FILE.safetensors", help="write the merged checkpoint here (atomically)")
-    parser.add_argument("--evaluate", action="store_true", help="with --zoo: report per-task accuracy of the merge")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="with --zoo or --suite: report per-task accuracy of the merge")
     parser.add_argument("--json", action="store_true", help="print a JSON result instead of a summary")
     add_device_arguments(parser)
     parser.set_defaults(handler=run)
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: merged checkpoints are written as .safetensors")
     source = source_from_args(args)
     if args.evaluate and not source.can_evaluate:
-        raise ConfigError("--evaluate needs --zoo DIR (a zoo has the heads and test data to evaluate on)")
+        raise ConfigError("--evaluate needs --zoo DIR or --suite FILE (the heads and test data to evaluate on)")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
 
@@ -53,20 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     save_s = None
     if args.out:
-        from ..checkpoints import save_safetensors
+        from ..merged import provenance, write_merged
 
         start = time.perf_counter()
-        readers = stack.sources.get("readers", [])
-        metadata = {
-            "method": method.name,
-            "hyperparameters": config_dict(config),
-            "tasks": source.tasks,
-            "base": {"path": str(source.base_path), "sha256": readers[0].sha256() if readers else None},
-            "experts": [{"task": t, "path": str(p), "sha256": r.sha256()}
-                        for t, p, r in zip(source.tasks, source.expert_paths, readers[1:])],
-            "merged_tensors": len(stack.names),
-        }
-        save_safetensors(args.out, merged, metadata)
+        write_merged(args.out, merged, provenance(stack, method, config))
         save_s = time.perf_counter() - start
 
     result = {
@@ -74,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         "hyperparameters": config_dict(config),
         "tasks": source.tasks,
         "n_params_merged": stack.numel,
+        "kept_from_base": {"tensors": stack.kept_from_base,
+                           "why": "no expert checkpoint has these tensors, so they stay at the pretrained values"},
         "device": str(device),
         "timings": {"load_s": load_s, "merge_s": merge_s, "save_s": save_s},
         "out": args.out,
@@ -82,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         from ..evaluate import evaluate
 
         start = time.perf_counter()
-        result["accuracy"] = evaluate(source.zoo, merged, tasks=source.tasks, device=args.device).to_json()
+        result["accuracy"] = evaluate(source.suite, merged, tasks=source.tasks, device=args.device,
+                                      limit=args.limit).to_json()
         result["timings"]["evaluate_s"] = time.perf_counter() - start
     if args.json:
         print_json(result)
@@ -91,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{method.label} ({params}) of {len(source.tasks)} tasks: {', '.join(source.tasks)}")
         print(f"  {stack.numel:,} parameters merged on {device}; load {load_s:.2f} s, merge {merge_s:.3f} s"
               + (f", save {save_s:.2f} s -> {args.out}" if save_s is not None else ""))
+        if stack.kept_from_base:
+            print(f"  kept at the pretrained values (no expert has them): {', '.join(stack.kept_from_base)}")
         if "accuracy" in result:
             acc = result["accuracy"]
             print(f"  average accuracy {acc['average']:.1f} %, normalized {acc['normalized_average']:.3f}")

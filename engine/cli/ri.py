@@ -1,57 +1,66 @@
-"""`python -m engine ri`: Resolving Interference, adapting a zoo's experts into a new zoo (methods.md §5)."""
+"""`python -m engine ri`: Resolving Interference, adapting a suite's experts (docs/methods.md, RI)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
-from ..errors import ConfigError
 from ..methods.base import validate_config
 from ..methods.ri import RIConfig
 from .common import print_json
 from .method_args import add_field_argument
+from .sources_args import add_suite_arguments, suite_from_args
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "ri", help="Resolving Interference: adapt every expert on unlabeled auxiliary images, write a new zoo",
+        "ri", help="Resolving Interference: adapt every expert on unlabeled auxiliary images",
         description="Adapt each expert so that under its own head it still matches itself while under every other "
                     "task's head it matches the pretrained model, using only unlabeled auxiliary images "
-                    "(methods.md §5). Writes a zoo in the same format to --out, so every merge method and page "
-                    "works on it, and reports ξ of a Task Arithmetic merge (default λ) before and after.")
-    parser.add_argument("--zoo", metavar="DIR", required=True, help="the zoo whose experts to adapt")
-    parser.add_argument("--out", metavar="DIR", required=True, help="folder for the adapted zoo (new or empty)")
+                    "(docs/methods.md). For --zoo, writes a zoo in the same format to --out (use it with --zoo); "
+                    "for --suite, writes the adapted experts and DIR/suite.toml (use it with --suite). Reports ξ "
+                    "of a Task Arithmetic merge (default λ) before and after.")
+    add_suite_arguments(parser)
+    parser.add_argument("--out", metavar="DIR", required=True, help="folder for the adapted experts (new or empty)")
     group = parser.add_argument_group("RI settings (demo defaults; each help names the paper value where one is known)")
     for field in dataclasses.fields(RIConfig):
         add_field_argument(group, field, default=field.default, default_text=str(field.default))
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing adapted zoo at --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing adapted experts at --out")
     parser.add_argument("--no-xi", dest="xi", action="store_false",
                         help="skip measuring ξ of the Task Arithmetic merge before and after")
-    parser.add_argument("--xi-max-samples", type=int, default=None, metavar="N",
-                        help="measure ξ on the first N test images per task (default: all)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print a JSON result instead of a summary")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..adapted import check_out_dir, write_adapted_suite_file, write_adapted_zoo
     from ..device import resolve_device
-    from ..methods.ri import adapt_zoo
-    from ..zoo.manifest import load_zoo
+    from ..methods.ri import adapt_suite, xi_before_after
 
     config = RIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RIConfig)})
     validate_config(config)  # before any file is read
-    if args.xi_max_samples is not None and args.xi_max_samples < 1:
-        raise ConfigError(f"--xi-max-samples must be at least 1, got {args.xi_max_samples}")
     device = resolve_device(args.device)
-    zoo = load_zoo(args.zoo)
-    result = adapt_zoo(zoo, args.out, config, device=device, overwrite=args.overwrite, measure_xi=args.xi,
-                       xi_max_samples=args.xi_max_samples)
+    suite = suite_from_args(args)
+    out = check_out_dir(suite, args.out, args.overwrite)
+    adapted, result = adapt_suite(suite, config, device=device)
+    if suite.kind == "zoo":
+        from ..zoo.suite import ZooSuite
+
+        adapted_suite = ZooSuite.load(write_adapted_zoo(suite, out, adapted, result))
+        result.out = str(out)
+    else:
+        from ..suite_file import load_suite_file
+
+        result.out = str(write_adapted_suite_file(suite, out, adapted, result))
+        adapted_suite = load_suite_file(result.out, limit=args.limit)
+    if args.xi:
+        result.xi_task_arithmetic = xi_before_after(suite, adapted_suite, limit=args.limit)
     payload = result.to_json()
     if args.json:
         print_json(payload)
         return 0
     t = payload["timings"]
-    print(f"RI adapted {len(payload['tasks'])} experts of {payload['source_zoo']} -> {payload['out']}")
+    print(f"RI adapted {len(payload['tasks'])} experts of {payload['suite']} -> {payload['out']}")
     print(f"  aux={config.aux} ({config.aux_size} images), α={config.alpha}, {config.steps} steps of "
           f"{config.batch_size}, lr {config.lr:g}; total {t['total_s']:.1f} s (adaptation {t['adapt_s']:.1f} s)")
     for s in payload["experts"]:

@@ -1,18 +1,9 @@
-"""Registry of merge methods: the CLI and the app both list what is here."""
+"""Merge methods, one file each; `registry` lists them for the CLI, the app and the continual runner."""
 from __future__ import annotations
 
-from ..errors import ConfigError
-from . import averaging, task_arithmetic, ties
-from .base import Method, config_dict, validate_config
+from .base import MethodSpec, config_dict, param, validate_config
+from .registry import (all_methods, continual_methods, get_continual_method, get_merge_method, get_method,
+                       merge_methods, register)
 
-METHODS: dict[str, Method] = {m.name: m for m in (averaging.METHOD, task_arithmetic.METHOD, ties.METHOD)}
-
-
-def get_method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown merge method {name!r}: use one of {', '.join(METHODS)}") from None
-
-
-__all__ = ["METHODS", "Method", "get_method", "config_dict", "validate_config"]
+__all__ = ["MethodSpec", "all_methods", "config_dict", "continual_methods", "get_continual_method",
+           "get_merge_method", "get_method", "merge_methods", "param", "register", "validate_config"]

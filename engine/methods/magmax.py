@@ -1,4 +1,4 @@
-"""MagMax-IND as a continual baseline (Marczak et al., arXiv 2407.06322; methods.md §2).
+"""MagMax-IND as a continual baseline (Marczak et al., arXiv 2407.06322; docs/methods.md).
 
 Per entry, the merged task vector keeps whichever of the task vectors seen so far has the largest
 magnitude; a new vector wins ties (≥). "IND" = each θ_t fine-tuned independently from θ_0 (not
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import param, validate_config
+from .base import MethodSpec, param
+from .registry import register
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,9 @@ def max_magnitude(previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 class ContinualMagMax:
     name = "magmax"
-    Config = MagMaxConfig
 
-    def __init__(self, config: MagMaxConfig | None = None) -> None:
+    def __init__(self, config: MagMaxConfig | None = None, *, encoder=None, device="cpu") -> None:
         self.config = config or MagMaxConfig()
-        validate_config(self.config)
 
     def init(self, theta0: dict[str, torch.Tensor]) -> None:
         self.theta0 = dict(theta0)
@@ -45,3 +44,7 @@ class ContinualMagMax:
             self.vector[n] = tau if n not in self.vector else max_magnitude(self.vector[n], tau)
             merged[n] = self.theta0[n].float() + self.config.lam * self.vector[n]
         return merged
+
+
+METHOD = register(MethodSpec(
+    name="magmax", label="MagMax-IND", summary="Keep, per weight, the largest-magnitude change seen so far.", family="continual", Config=MagMaxConfig, continual=ContinualMagMax))

@@ -1,18 +1,18 @@
 """MINGLE: mixtures of null-space-gated low-rank experts for test-time continual merging.
 
-Qiu et al., NeurIPS 2025 (arXiv 2505.11883); methods.md §4, whose pseudocode (§4.8) this module
-follows step by step and whose checklist (§4.9) is cited where a detail is easy to get wrong.
+Qiu et al., NeurIPS 2025 (arXiv 2505.11883); docs/methods.md, MINGLE, describes what this module
+does step by step, including the details that are easy to get wrong.
 
 Per selected linear layer l and task t:
 
-    expert   Δ_t = W_l(θ_t) − W_l(θ_0), projected off the top-ρ block of Σ_{i<t} B_i A_i (§4.3),
+    expert   Δ_t = W_l(θ_t) − W_l(θ_0), projected off the top-ρ block of Σ_{i<t} B_i A_i,
              then B_t = U_r, A_t = diag(S_r) V_rᵀ (rank-r SVD), frozen for good;
-    gate     g_t(x) = w_tᵀ x + b_t, a raw scalar, averaged over tokens (and the batch) (§4.4);
+    gate     g_t(x) = w_tᵀ x + b_t, a raw scalar, averaged over tokens (and the batch);
     layer    h = (W_0 + Σ_{i≤t} ḡ_i B_i A_i) x + b_0 — biases, LayerNorms, embeddings stay at θ_0;
-    adapt    only (w_t, b_t) train: distillation from θ_t on a few unlabelled seed images (§4.5),
+    adapt    only (w_t, b_t) train: distillation from θ_t on a few unlabelled seed images,
              with the weight gradient projected off earlier tasks' input subspaces, relaxed per
-             direction by λ_p = exp(−γ S_p) (§4.6–4.7);
-    protect  after adaptation, U_l ← QR([U_l | top-k of Σ x xᵀ]) over the seed set's tokens (§4.6).
+             direction by λ_p = exp(−γ S_p);
+    protect  after adaptation, U_l ← QR([U_l | top-k of Σ x xᵀ]) over the seed set's tokens.
 
 The maths lives in small pure functions (`effective_rank`, `project_out_previous`,
 `low_rank_expert`, `relaxed_projection`, `top_subspace`, `accumulate_basis`) that the unit tests
@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .base import param, validate_config
+from .base import MethodSpec, param, validate_config
+from .registry import register
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
-# Which linears of each block get experts and gates (methods.md §4.2). Names are the canonical
+# Which linears of each block get experts and gates (docs/methods.md, MINGLE). Names are the canonical
 # (HF CLIPVisionModel) ones; q, k and v are separate even though open_clip fuses them.
 LAYER_SETS: dict[str, tuple[str, ...]] = {
     "all": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # MINGLE
@@ -99,7 +100,7 @@ class MingleConfig:
 
 
 def effective_rank(singular_values: torch.Tensor) -> int:
-    """ρ = ⌊exp(H)⌋, H the entropy of s / Σ s (methods.md §4.3; the paper's α).
+    """ρ = ⌊exp(H)⌋, H the entropy of s / Σ s (docs/methods.md, MINGLE; the paper's α).
 
     xlogy makes 0·log 0 = 0, so exactly-zero singular values do not turn H into NaN. An all-zero
     spectrum has no dominant subspace: ρ = 0.
@@ -129,10 +130,10 @@ def svd_of_product(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def project_out_previous(delta: torch.Tensor, previous: torch.Tensor | None, *,
                          factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Δ − U_ρ (U_ρᵀ Δ V_ρ) V_ρᵀ with (U, s, V) the SVD of the previous experts' sum (methods.md §4.3).
+    """Δ − U_ρ (U_ρᵀ Δ V_ρ) V_ρᵀ with (U, s, V) the SVD of the previous experts' sum (docs/methods.md, MINGLE).
 
     Only the ρ×ρ block of C = Uᵀ Δ V is removed (the part of Δ in *both* top-ρ subspaces); the
-    official code's `.diag().fill_(0)` is a no-op, so the diagonal is NOT zeroed (§4.9 item 3).
+    official code's `.diag().fill_(0)` is a no-op, so the diagonal is NOT zeroed.
     The sum is given densely (`previous`) or as its factors (B_all, A_all) with previous = B_all A_all,
     which is the same SVD, exactly and much faster (`svd_of_product`).
     """
@@ -161,11 +162,11 @@ def low_rank_expert(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
 
 def relaxed_projection(grad: torch.Tensor, basis: torch.Tensor, score: torch.Tensor, *, beta: float,
                        gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of adaptive relaxation (methods.md §4.7). Returns (projected gradient, updated S).
+    """One step of adaptive relaxation (docs/methods.md, MINGLE). Returns (projected gradient, updated S).
 
     grad (..., d_in); basis U (d_in, m) orthonormal; score S (m,). The alignment r_p is taken on the
     *un-projected* gradient, the EMA is updated *before* λ_p = exp(−γ S_p) is formed, and the
-    relaxed projector I − U diag(λ) Uᵀ is applied in factored form (§4.9 item 9).
+    relaxed projector I − U diag(λ) Uᵀ is applied in factored form.
     """
     if basis.shape[1] == 0:
         return grad, score
@@ -192,14 +193,14 @@ def top_subspace(second_moment: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def accumulate_basis(previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """U ← Q of QR([U_prev | Ũ_t]) (methods.md §4.6), capped at d_in columns (then U spans everything)."""
+    """U ← Q of QR([U_prev | Ũ_t]) (docs/methods.md, MINGLE), capped at d_in columns (then U spans everything)."""
     stacked = torch.cat([previous, new], dim=1)
     q, _ = torch.linalg.qr(stacked.double())
     return q[:, : min(stacked.shape[1], stacked.shape[0])].to(new.dtype).contiguous()
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """−mean_b Σ_c softmax(z_ft/T)_c · log_softmax(z_m/T)_c: soft-target CE, no T² (methods.md §4.5)."""
+    """−mean_b Σ_c softmax(z_ft/T)_c · log_softmax(z_m/T)_c: soft-target CE, no T² (docs/methods.md, MINGLE)."""
     target = F.softmax(teacher_logits / temperature, dim=-1)
     return -(target * F.log_softmax(student_logits / temperature, dim=-1)).sum(-1).mean()
 
@@ -210,7 +211,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class GatedLinear(nn.Module):
-    """h = (W_0 + Σ_i ḡ_i B_i A_i) x + b_0 with one raw linear scalar gate per expert (methods.md §4.4).
+    """h = (W_0 + Σ_i ḡ_i B_i A_i) x + b_0 with one raw linear scalar gate per expert (docs/methods.md, MINGLE).
 
     W_0, b_0 and the experts are buffers (never trained). Gates of earlier tasks are frozen buffers;
     only the newest gate (`gate_w`, `gate_b`) is a Parameter. Inputs are batch-first (N, L, d_in).
@@ -374,8 +375,8 @@ class MingleEncoder(nn.Module):
     """An open_clip `VisionTransformer` at θ_0 whose attention and MLP linears are `GatedLinear`s.
 
     `linears[canonical name]` gives every linear of every block (all six, so names line up with the
-    checkpoints); only those in `selected` ever receive experts (methods.md §4.2). Everything that
-    is not an expert or a gate stays at θ_0 for the whole run (§4.1, §4.9 item 2).
+    checkpoints); only those in `selected` ever receive experts (docs/methods.md, MINGLE). Everything that
+    is not an expert or a gate stays at θ_0 for the whole run.
     """
 
     def __init__(self, visual: nn.Module, layers: str = "all") -> None:
@@ -402,16 +403,9 @@ class MingleEncoder(nn.Module):
         self.selected = canonical_linear_names(len(visual.transformer.resblocks), LAYER_SETS[layers])
 
     @classmethod
-    def from_state_dict(cls, model_config: Mapping, theta0: Mapping[str, torch.Tensor],
+    def from_state_dict(cls, encoder: "EncoderFactory | Mapping", theta0: Mapping[str, torch.Tensor],
                         layers: str = "all") -> "MingleEncoder":
-        from open_clip.transformer import VisionTransformer
-
-        from ..checkpoints import canonical_to_open_clip
-
-        visual = VisionTransformer(**dict(model_config))
-        visual.load_state_dict(canonical_to_open_clip(dict(theta0)))
-        visual.eval()
-        return cls(visual, layers)
+        return cls(encoder_factory(encoder)(theta0), layers)
 
     def gated(self) -> list[GatedLinear]:
         return [self.linears[n] for n in self.selected]
@@ -456,18 +450,19 @@ class StepLog:
 class Mingle:
     """The continual merger: `init(θ_0)`, then `step(task, θ_t, seed images, head)` once per task.
 
-    `model_config` is the open_clip VisionTransformer kwargs; `head(features) -> logits` is task t's
-    frozen head at logit scale 100, used for both student and teacher (methods.md §4.5). Everything
+    `encoder` builds the plain vision encoder for a canonical state dict (a suite's `build_encoder`, or
+    open_clip VisionTransformer kwargs); `head(features) -> logits` is task t's
+    frozen head at logit scale 100, used for both student and teacher (docs/methods.md, MINGLE). Everything
     (encoder, experts, gates, subspaces) lives on `device`; checkpoints and seed images may arrive on
     the CPU and are moved there. Random draws use a CPU generator, so results do not depend on it.
     """
 
-    def __init__(self, model_config: Mapping, config: MingleConfig | None = None,
+    def __init__(self, encoder: "EncoderFactory | Mapping", config: MingleConfig | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.config = config or MingleConfig()
         validate_config(self.config)
         self.device = torch.device(device)
-        self.model_config = dict(model_config)
+        self.build_encoder = encoder_factory(encoder)
         self.encoder: MingleEncoder | None = None
         self.theta0: dict[str, torch.Tensor] | None = None
         self.bases: dict[str, torch.Tensor] = {}  # U_l: protected input directions per layer
@@ -477,7 +472,7 @@ class Mingle:
 
     def init(self, theta0: Mapping[str, torch.Tensor]) -> None:
         self.theta0 = {k: v for k, v in theta0.items()}
-        self.encoder = MingleEncoder.from_state_dict(self.model_config, self.theta0, self.config.layers)
+        self.encoder = MingleEncoder.from_state_dict(self.build_encoder, self.theta0, self.config.layers)
         self.encoder.to(self.device)
         self.encoder.set_batch_reduce(self.config.batch_reduce)
         self.encoder.set_static(self.config.static_coef if self.config.static else None)
@@ -487,7 +482,7 @@ class Mingle:
 
     # -- experts ---------------------------------------------------------------------------------
     def add_experts(self, theta_t: Mapping[str, torch.Tensor]) -> None:
-        """Projected, rank-r experts for every selected linear (methods.md §4.3), and new gates."""
+        """Projected, rank-r experts for every selected linear (docs/methods.md, MINGLE), and new gates."""
         assert self.encoder is not None and self.theta0 is not None, "call init(theta0) first"
         for name in self.encoder.selected:
             layer = self.encoder.linears[name]
@@ -499,13 +494,13 @@ class Mingle:
 
     # -- adaptation ------------------------------------------------------------------------------
     def adapt(self, seed_images: torch.Tensor, teacher_logits: torch.Tensor, head: LogitsFn) -> list[float]:
-        """50 Adam steps on the newest gates, distilling the fine-tuned model's soft targets (§4.5)."""
+        """50 Adam steps on the newest gates, distilling the fine-tuned model's soft targets."""
         cfg, enc = self.config, self.encoder
         params = enc.trainable_gates()
         if cfg.static or cfg.steps == 0 or not params:
             return []
         optimiser = torch.optim.Adam(params, lr=cfg.lr)
-        project = cfg.projection and len(self.tasks) > 0  # nothing is protected at t = 1 (§4.9 item 8)
+        project = cfg.projection and len(self.tasks) > 0  # nothing is protected at t = 1
         scores = {n: torch.zeros(self.bases[n].shape[1], device=self.device) for n in enc.selected}  # reset per task
         batches = _cycling_batches(len(seed_images), cfg.batch_size, self.generator)
         losses = []
@@ -519,7 +514,7 @@ class Mingle:
                     for name, layer in zip(enc.selected, enc.gated()):
                         if layer.gate_w.grad is None:
                             continue
-                        # Only the weight gradient is projected; the bias gradient never (§4.5).
+                        # Only the weight gradient is projected; the bias gradient never.
                         layer.gate_w.grad, scores[name] = relaxed_projection(
                             layer.gate_w.grad, self.bases[name], scores[name], beta=cfg.beta, gamma=cfg.gamma)
             optimiser.step()
@@ -530,7 +525,7 @@ class Mingle:
     # -- null space ------------------------------------------------------------------------------
     @torch.no_grad()
     def update_subspaces(self, seed_images: torch.Tensor) -> None:
-        """U_l ← QR([U_l | top-k of Σ_tokens x xᵀ]) on the *adapted* model's layer inputs (§4.6)."""
+        """U_l ← QR([U_l | top-k of Σ_tokens x xᵀ]) on the *adapted* model's layer inputs."""
         cfg, enc = self.config, self.encoder
         if cfg.subspace_k == 0:
             return
@@ -573,7 +568,7 @@ class Mingle:
             clock = time.perf_counter()
             with torch.no_grad():
                 if teacher is None:
-                    teacher_encoder = build_encoder(self.model_config, theta_t).to(self.device)
+                    teacher_encoder = self.build_encoder(theta_t).to(self.device)
                     teacher = lambda x: head(teacher_encoder(x))  # noqa: E731
                 teacher_logits = torch.cat([teacher(seed_images[i:i + 256]) for i in range(0, len(seed_images), 256)])
             seconds["teacher"] = time.perf_counter() - clock
@@ -590,8 +585,19 @@ class Mingle:
         return self.encoder
 
 
+EncoderFactory = Callable[[Mapping[str, torch.Tensor]], nn.Module]
+
+
+def encoder_factory(encoder: "EncoderFactory | Mapping") -> EncoderFactory:
+    """canonical state -> plain encoder: a suite's `build_encoder`, or built from VisionTransformer kwargs."""
+    if callable(encoder):
+        return encoder
+    kwargs = dict(encoder)
+    return lambda state: build_encoder(kwargs, state)
+
+
 def build_encoder(model_config: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A plain open_clip VisionTransformer holding a canonical state dict, in eval mode."""
+    """A plain open_clip VisionTransformer (from its kwargs) holding a canonical state dict, in eval mode."""
     from open_clip.transformer import VisionTransformer
 
     from ..checkpoints import canonical_to_open_clip
@@ -602,3 +608,29 @@ def build_encoder(model_config: Mapping, state: Mapping[str, torch.Tensor]) -> n
     for p in visual.parameters():
         p.requires_grad_(False)
     return visual
+
+
+class MingleContinual:
+    """`Mingle` behind the continual interface: `encoder` is what `Mingle` takes (a suite's
+    `build_encoder`, or VisionTransformer kwargs)."""
+
+    name = "mingle"
+
+    def __init__(self, config: MingleConfig | None = None, *, encoder: EncoderFactory | Mapping | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        self.config = config or MingleConfig()
+        if encoder is None:
+            raise ConfigError("MINGLE needs the suite's encoder (suite.build_encoder) to build its gated model")
+        self.mingle = Mingle(encoder, self.config, device=device)
+
+    def init(self, theta0: Mapping[str, torch.Tensor]) -> None:
+        self.mingle.init(theta0)
+
+    def step(self, task, theta_t, seed_images, head) -> nn.Module:
+        return self.mingle.step(task, theta_t, seed_images, head)
+
+
+METHOD = register(MethodSpec(
+    name="mingle", label="MINGLE",
+    summary="Low-rank experts per task with test-time-trained gates, kept out of earlier tasks' input subspaces.",
+    family="continual", Config=MingleConfig, continual=MingleContinual))

@@ -1,5 +1,5 @@
 """OPCM: orthogonal projection-based continual merging (Tang et al., "Merging Models on the Fly
-Without Retraining", arXiv 2501.09522; methods.md §2).
+Without Retraining", arXiv 2501.09522; docs/methods.md).
 
 Keep the running, unnormalised sum Σ_t of (projected) task vectors. At step t:
 
@@ -14,7 +14,7 @@ Keep the running, unnormalised sum Σ_t of (projected) task vectors. At step t:
 
 The official code zeroes C's diagonal with `.diag().fill_(0)` (a no-op on a 2-D tensor) in the
 version MINGLE used, and `.diagonal().fill_(0)` (effective) in later FusionBench versions
-(methods.md §8.13): `zero_diagonal` chooses; the default follows the no-op.
+(docs/methods.md): `zero_diagonal` chooses; the default follows the no-op.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import param, validate_config
+from .base import MethodSpec, param
+from .registry import register
 
 LINEAR_WEIGHT = re.compile(r"(encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])|visual_projection)\.weight")
 
@@ -61,11 +62,9 @@ def project_task_vector(previous_sum: torch.Tensor, tau: torch.Tensor, alpha: fl
 
 class ContinualOPCM:
     name = "opcm"
-    Config = OPCMConfig
 
-    def __init__(self, config: OPCMConfig | None = None) -> None:
+    def __init__(self, config: OPCMConfig | None = None, *, encoder=None, device="cpu") -> None:
         self.config = config or OPCMConfig()
-        validate_config(self.config)
 
     def init(self, theta0: dict[str, torch.Tensor]) -> None:
         self.theta0 = dict(theta0)
@@ -89,3 +88,7 @@ class ContinualOPCM:
         for n in self.names:
             merged[n] = self.theta0[n].float() + scale * self.sum[n]
         return merged
+
+
+METHOD = register(MethodSpec(
+    name="opcm", label="OPCM", summary="Project each new task vector off the directions the merge already uses, then rescale.", family="continual", Config=OPCMConfig, continual=ContinualOPCM))

@@ -1,16 +1,16 @@
 """Resolving Interference (RI): adapt each expert on unlabeled auxiliary images before any merge.
 
-RI is a pre-merge step, not a merge operator (methods.md §5). Expert i is fine-tuned, starting
+RI is a pre-merge step, not a merge operator (docs/methods.md, RI). Expert i is fine-tuned, starting
 from θ_i, to minimise on auxiliary images x ∼ D_aux
 
     L_RI(θ̃_i) = E_x[ KL(h_i(f(x; θ_i)) ‖ h_i(f(x; θ̃_i)))                         keep the task
                     + α/(N−1) Σ_{j≠i} KL(h_j(f(x; θ_0)) ‖ h_j(f(x; θ̃_i))) ]       leave other heads alone
 
-with every head frozen and both teachers (θ_i, θ_0) frozen (§5.2). Afterwards τ̃_i = θ̃_i − θ_0 and
-any merge method runs unchanged on the adapted experts (§5.4): `adapt_zoo` writes them as a zoo in
+with every head frozen and both teachers (θ_i, θ_0) frozen. Afterwards τ̃_i = θ̃_i − θ_0 and
+any merge method runs unchanged on the adapted experts: `adapt_zoo` writes them as a zoo in
 the same format, so every page and every CLI command works on it.
 
-Paper settings (ViT-B/32 on an A40, §5.3): α = 1, AdamW lr 1e-6, weight decay 1e-4, 2500 steps of
+Paper settings (ViT-B/32 on an A40; docs/methods.md, RI): α = 1, AdamW lr 1e-6, weight decay 1e-4, 2500 steps of
 batch 128 on ImageNet (≈ 7 min per expert). The demo defaults here are different on purpose: the
 demo zoo is a tiny ViT on 32-px images and all 8 experts must adapt in ≤ 5 min on 2 CPU cores, so
 we take 150 steps of batch 64 at lr 1e-4 [inferred] on a fixed pool of 2048 auxiliary images.
@@ -19,7 +19,7 @@ observation that most of the ξ drop happens early (1000 of 2500 steps) is what 
 meaningful. The LR was chosen from the RI loss on auxiliary data only (where it stops falling
 quickly), never from task accuracy.
 
-[inferred] choices, each an option (§5.3 "unknown"): AdamW (torch's decoupled decay towards zero;
+[inferred] choices, each an option (where the paper is silent): AdamW (torch's decoupled decay towards zero;
 at lr·wd = 1e-8 per step it is negligible here, as in the paper) with constant LR starting at θ_i;
 every vision-tower weight trainable; KL(teacher ‖ student) as a batch mean at temperature 1 with
 the heads' logit scale (100) inside the logits; the model kept in eval mode (no dropout) while
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -44,8 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.interference import kl_divergence
+from ..aux_data import aux_images
+from ..checkpoints import canonical_to_open_clip, open_clip_to_canonical
 from ..errors import ConfigError
-from .base import param, validate_config
+from .base import MethodSpec, param, validate_config
+from .registry import register
 
 Progress = Callable[[float, str], None]
 
@@ -87,7 +89,7 @@ class RIConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# The model: an image encoder f(x; θ) read through frozen heads h_t (methods.md §6.4)
+# The model: an image encoder f(x; θ) read through frozen heads h_t (docs/methods.md, heads)
 # --------------------------------------------------------------------------------------------
 
 
@@ -129,8 +131,6 @@ class HeadedTower:
 
 
 def load_canonical(encoder: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> None:
-    from ..checkpoints import canonical_to_open_clip
-
     state = canonical_to_open_clip(canonical)
     own = encoder.state_dict()
     encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
@@ -138,8 +138,6 @@ def load_canonical(encoder: torch.nn.Module, canonical: Mapping[str, torch.Tenso
 
 def encoder_to_canonical(encoder: torch.nn.Module, like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The encoder's weights under canonical names (in `like`'s dtypes and key set when given)."""
-    from ..checkpoints import open_clip_to_canonical
-
     canonical, _ = open_clip_to_canonical({k: v.detach() for k, v in encoder.state_dict().items()})
     if like is None:
         return {k: v.clone() for k, v in canonical.items()}
@@ -161,7 +159,7 @@ def trainable_names(encoder: torch.nn.Module, which: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The objective (methods.md §5.2)
+# The objective (docs/methods.md, RI)
 # --------------------------------------------------------------------------------------------
 
 
@@ -235,7 +233,7 @@ def adapt_expert(model: HeadedTower, expert: Mapping[str, torch.Tensor], own: in
     """Minimise L_RI for expert `own`, starting from its weights; returns (θ̃ canonical, stats).
 
     `pretrained_embeddings` are θ_0's normalised embeddings of `aux_images` (compute once with
-    `model.load(θ_0).embed_all(aux_images)` and share across experts, §5.3). `model` is modified.
+    `model.load(θ_0).embed_all(aux_images)` and share across experts). `model` is modified.
     """
     validate_config(config)
     task = task or model.tasks[own]
@@ -299,132 +297,90 @@ def adapt_experts(model: HeadedTower, pretrained: Mapping[str, torch.Tensor],
 
 
 # --------------------------------------------------------------------------------------------
-# A whole zoo: adapt every expert, write an adapted zoo in the same format (methods.md §5.4)
+# A whole suite: adapt every expert, in memory (engine.adapted stores and caches the result)
 # --------------------------------------------------------------------------------------------
-
-RI_MANIFEST_KEY = "ri"  # what the adapted zoo's manifest records about its making
 
 
 @dataclass
 class RIResult:
-    """What `adapt_zoo` did: where, with which settings, how long, and ξ of TA before/after."""
+    """What `adapt_suite` did: which experts, with which settings, how long, and how well."""
 
-    source_zoo: str
-    out: str
+    suite: str
     tasks: list[str]
     config: dict[str, Any]
     experts: list[AdaptationStats]
     timings: dict[str, float]
-    xi_task_arithmetic: dict[str, Any] | None = None
     adapted_accuracies: dict[str, float] | None = None
+    xi_task_arithmetic: dict[str, Any] | None = None
+    out: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"source_zoo": self.source_zoo, "out": self.out, "tasks": self.tasks, "config": self.config,
+        return {"suite": self.suite, "out": self.out, "tasks": self.tasks, "config": self.config,
                 "experts": [{k: v for k, v in s.to_json().items() if k != "history"} for s in self.experts],
                 "timings": self.timings, "xi_task_arithmetic": self.xi_task_arithmetic,
                 "adapted_accuracies": self.adapted_accuracies}
 
-
-def _read_canonical(path) -> dict[str, torch.Tensor]:
-    from ..checkpoints import open_checkpoint
-
-    reader = open_checkpoint(path)
-    return {name: reader.tensor(name) for name in reader.keys()}
+    def record(self) -> dict[str, Any]:
+        """What is stored beside adapted experts (config, source, statistics)."""
+        return {"config": self.config, "source": self.suite, "adapted_accuracies": self.adapted_accuracies,
+                "experts": [{k: v for k, v in s.to_json().items() if k != "history"} for s in self.experts]}
 
 
-def zoo_model(zoo, device: str | torch.device = "cpu") -> HeadedTower:
-    """The zoo's encoder architecture with its frozen heads, ready for `load` (weights not yet loaded)."""
-    from ..evaluate import zoo_encoder, zoo_heads
-
-    return HeadedTower(zoo_encoder(zoo).to(device), {t: h.to(device) for t, h in zoo_heads(zoo).items()},
-                       logit_scale=getattr(zoo, "logit_scale", 100.0))
+def suite_model(suite, device: str | torch.device = "cpu") -> HeadedTower:
+    """The suite's encoder architecture with its frozen heads, ready for `load` (weights not yet loaded)."""
+    return HeadedTower(suite.new_encoder().to(device), {t: h.to(device) for t, h in suite.heads().items()},
+                       logit_scale=suite.logit_scale)
 
 
-def zoo_aux_tensor(zoo, config: RIConfig, device: str | torch.device = "cpu") -> torch.Tensor:
-    """The fixed, seeded auxiliary stream as the model's input tensor (the zoo's own preprocessing)."""
-    from ..evaluate import preprocess
-    from ..zoo.aux_data import aux_images
+def aux_tensor(suite, config: RIConfig, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The fixed, seeded auxiliary stream as model input (the suite's own preprocessing).
 
-    # render/noise are drawn at the zoo's input size (`Zoo.image_size`, the manifest's model kwargs),
-    # the size of its test images and of its pool.
-    size = None if config.aux == "pool" else int(zoo.image_size)
-    return preprocess(zoo, aux_images(config.aux, config.aux_size, config.seed, zoo=zoo, size=size)).to(device)
+    render/noise are drawn at the suite's input size, the size of its test images."""
+    size = None if config.aux == "pool" else int(suite.image_size)
+    images = aux_images(config.aux, config.aux_size, config.seed, suite=suite, size=size)
+    return suite.model_input(images).to(device)
 
 
-def adapt_zoo(zoo, out_dir, config: RIConfig | None = None, *, device: str | torch.device = "cpu",
-              overwrite: bool = False, measure_xi: bool = True, xi_max_samples: int | None = None,
-              measure_accuracy: bool = True, progress: Progress | None = None) -> RIResult:
-    """RI for every expert of `zoo`, written to `out_dir` as a zoo of the same format.
+def adapt_suite(suite, config: RIConfig | None = None, *, device: str | torch.device = "cpu",
+                measure_accuracy: bool = True, progress: Progress | None = None
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], RIResult]:
+    """RI for every expert of `suite`: ({task: θ̃_t canonical}, what was done).
 
-    The adapted zoo is a copy of the source (data, heads, θ_0, manifest) whose expert files are
-    replaced by θ̃_i; its manifest records the RI config, the source zoo and per-expert statistics.
-    [inferred, documented choice] The manifest keeps the ORIGINAL experts' individual accuracies for
-    normalisation: RI is a means to merge the original experts better, so normalised accuracy of a
-    merge of adapted experts stays comparable with one of the originals. The adapted experts' own
-    accuracies are measured and recorded beside them (`ri.adapted_accuracies`).
+    With `measure_accuracy`, each adapted expert's accuracy on its own task is measured (the
+    suite's test images under its default budget) and recorded beside the originals'.
     """
     config = config or RIConfig()
     validate_config(config)
     report = progress or (lambda f, m: None)
     timings: dict[str, float] = {}
     start_all = time.perf_counter()
-    tasks = list(zoo.task_names())
-    out_dir = _check_out_dir(zoo, out_dir, overwrite)
-
+    tasks = suite.task_names()
     start = time.perf_counter()
-    model = zoo_model(zoo, device)
-    aux = zoo_aux_tensor(zoo, config, device)
-    pretrained = _read_canonical(zoo.pretrained_path)
-    experts = {t: _read_canonical(zoo.expert_path(t)) for t in tasks}
+    model = suite_model(suite, device)
+    aux = aux_tensor(suite, config, device)
+    pretrained = suite.theta0()
+    experts = {t: suite.theta(t) for t in tasks}
     timings["setup_s"] = time.perf_counter() - start
-
     start = time.perf_counter()
-    span = 0.8 if measure_xi else 0.95
     adapted, stats = adapt_experts(model, pretrained, experts, aux, config,
-                                   progress=lambda f, m: report(span * f, m))
+                                   progress=lambda f, m: report(0.95 * f, m))
     timings["adapt_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    report(span, "writing the adapted zoo")
-    result = RIResult(source_zoo=str(zoo.root), out=str(out_dir), tasks=tasks, config=dataclasses.asdict(config),
-                      experts=stats, timings=timings)
-    new_zoo = write_adapted_zoo(zoo, out_dir, adapted, ri_record=None, overwrite=overwrite)
-    timings["write_s"] = time.perf_counter() - start
-
+    result = RIResult(suite=suite.label, tasks=tasks, config=dataclasses.asdict(config), experts=stats,
+                      timings=timings)
     if measure_accuracy:
-        from ..evaluate import evaluate
+        from ..evaluate import accuracy_only
 
         start = time.perf_counter()
-        result.adapted_accuracies = {t: evaluate(zoo, adapted[t], tasks=[t]).per_task[t] for t in tasks}
+        report(0.95, "measuring the adapted experts' own accuracy")
+        result.adapted_accuracies = {t: accuracy_only(suite, adapted[t], [t])[t] for t in tasks}
         timings["accuracy_s"] = time.perf_counter() - start
-    if measure_xi:
-        start = time.perf_counter()
-        report(0.9, "measuring ξ of Task Arithmetic before and after")
-        result.xi_task_arithmetic = xi_before_after(zoo, new_zoo, max_samples=xi_max_samples)
-        timings["xi_s"] = time.perf_counter() - start
     timings["total_s"] = time.perf_counter() - start_all
-    record = {"config": result.config, "source_zoo": str(zoo.root),
-              "original_accuracies": dict(getattr(zoo, "accuracies", {}) or {}),
-              "adapted_accuracies": result.adapted_accuracies,
-              "experts": [{k: v for k, v in s.to_json().items() if k != "history"} for s in stats]}
-    write_adapted_zoo(zoo, out_dir, None, ri_record=record, overwrite=True)
-    report(1.0, "done")
-    return result
+    report(1.0, "adapted every expert")
+    return adapted, result
 
 
-def _check_out_dir(zoo, out_dir, overwrite: bool):
-    from pathlib import Path
-
-    out = Path(out_dir).expanduser()
-    if out.resolve() == Path(zoo.root).resolve():
-        raise ConfigError(f"{out}: the adapted zoo must go to a new folder, not over the source zoo")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out}: exists and is not empty; choose a new folder or pass --overwrite")
-    return out
-
-
-def xi_before_after(source_zoo, adapted_zoo, method: str = "task-arithmetic", *,
-                    max_samples: int | None = None) -> dict[str, Any]:
+def xi_before_after(suite, adapted_suite, method: str = "task-arithmetic", *,
+                    limit: int | None = None) -> dict[str, Any]:
     """ξ (against the ORIGINAL experts) of `method` at its defaults, merging the original vs the adapted experts."""
     from ..analysis.interference import measure_interference
     from ..task_vectors import TaskVectorStack
@@ -433,159 +389,14 @@ def xi_before_after(source_zoo, adapted_zoo, method: str = "task-arithmetic", *,
     m = get_method(method)
     cfg = m.Config()
     out = {"method": method, "hyperparameters": dataclasses.asdict(cfg)}
-    for label, z in (("before", source_zoo), ("after", adapted_zoo)):
-        tasks = list(z.task_names())
-        stack = TaskVectorStack.from_files(z.pretrained_path, [z.expert_path(t) for t in tasks], tasks)
+    for label, s in (("before", suite), ("after", adapted_suite)):
+        stack = TaskVectorStack.from_suite(s)
         merged = stack.apply(m.merge(stack, cfg))
-        out[label] = measure_interference(source_zoo, merged, tasks, max_samples=max_samples).to_json()
+        out[label] = measure_interference(s, merged, limit=limit).to_json()
     return out
 
 
-def _manifest_path(root) -> "Path":
-    from pathlib import Path
-
-    try:
-        from ..zoo.manifest import MANIFEST_NAME
-    except ImportError:
-        MANIFEST_NAME = "zoo.json"
-    return Path(root) / MANIFEST_NAME
-
-
-def _write_expert_like(original_path, target_path, canonical: Mapping[str, torch.Tensor], metadata: dict) -> None:
-    """Save θ̃ where the zoo expects the expert, in the original file's key layout (canonical or open_clip)."""
-    from pathlib import Path
-
-    from ..checkpoints import canonical_to_open_clip, save_safetensors
-
-    original_path, target_path = Path(original_path), Path(target_path)
-    if original_path.suffix != ".safetensors":
-        raise ConfigError(f"{original_path}: RI writes adapted experts as .safetensors; this zoo stores its experts "
-                          f"as {original_path.suffix}")
-    from safetensors import safe_open
-
-    with safe_open(str(original_path), framework="pt") as f:
-        keys = list(f.keys())
-        old_meta = f.metadata() or {}
-    anchor = next((k for k in keys if k == "conv1.weight" or k.endswith(".conv1.weight")), None)
-    if anchor is not None:  # an open_clip layout: keep its prefix (`visual.`, `model.visual.` or none)
-        tensors = canonical_to_open_clip(canonical, prefix=anchor[: -len("conv1.weight")])
-    else:
-        tensors = dict(canonical)
-    from ..checkpoints import METADATA_KEY
-
-    previous = old_meta.get(METADATA_KEY)
-    record = dict(metadata)
-    if previous:
-        record["original_metadata"] = previous
-    save_safetensors(target_path, tensors, record)
-
-
-def write_adapted_zoo(zoo, out_dir, adapted: Mapping[str, Mapping[str, torch.Tensor]] | None,
-                      ri_record: Mapping[str, Any] | None = None, overwrite: bool = False):
-    """Copy `zoo` to `out_dir`, replace its expert files by `adapted`, record `ri_record` in the manifest.
-
-    With `adapted=None` only the manifest record is (re)written. Returns the loaded adapted zoo.
-    """
-    import json
-    import shutil
-    from pathlib import Path
-
-    from ..zoo.manifest import load_zoo
-
-    root, out = Path(zoo.root), Path(out_dir).expanduser()
-    if adapted is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(root, out, dirs_exist_ok=True)
-        for task, weights in adapted.items():
-            original = Path(zoo.expert_path(task))
-            target = out / original.resolve().relative_to(root.resolve())
-            _write_expert_like(original, target, weights, {"ri": "adapted expert", "task": task,
-                                                           "source": str(original)})
-    if ri_record is not None:
-        path = _manifest_path(out)
-        manifest = json.loads(path.read_text())
-        manifest[RI_MANIFEST_KEY] = dict(ri_record)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False))
-        tmp.replace(path)
-    return load_zoo(out)
-
-
-def ri_record(zoo) -> dict[str, Any] | None:
-    """The RI record of an adapted zoo's manifest (config, source zoo, statistics), or None for a plain zoo."""
-    import json
-
-    record = getattr(zoo, "manifest", None)
-    if isinstance(record, Mapping) and RI_MANIFEST_KEY in record:
-        return dict(record[RI_MANIFEST_KEY])
-    path = _manifest_path(zoo.root)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get(RI_MANIFEST_KEY)
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# A cache of adapted zoos (the app's "RI-adapted experts" switch)
-# --------------------------------------------------------------------------------------------
-
-def adapted_zoo_dir(zoo, config: RIConfig | None = None) -> "Path":
-    """Where the RI-adapted copy of `zoo` for `config` is kept: a sibling folder `<zoo>-ri-<hash>`.
-
-    The hash covers the RI config and the source zoo's content hashes (zoo.json `content_sha256`),
-    so a rebuilt zoo or other RI settings get their own folder and a stale copy is never reused.
-    """
-    import hashlib
-    import json
-    from pathlib import Path
-
-    config = config or RIConfig()
-    identity = {"config": dataclasses.asdict(config),
-                "zoo": (getattr(zoo, "manifest", None) or {}).get("content_sha256") or str(zoo.root)}
-    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    root = Path(zoo.root)
-    return root.parent / f"{root.name}-ri-{digest}"
-
-
-def cached_adapted_zoo(zoo, config: RIConfig | None = None):
-    """The adapted zoo for `config` when it has been built (its manifest carries the RI record), else None."""
-    from ..zoo.manifest import load_zoo
-
-    out = adapted_zoo_dir(zoo, config)
-    if not _manifest_path(out).is_file():
-        return None
-    adapted = load_zoo(out)
-    return adapted if ri_record(adapted) is not None else None  # no record: a run stopped half-way
-
-
-def ensure_adapted_zoo(zoo, config: RIConfig | None = None, *, device: str | torch.device = "cpu",
-                       progress: Progress | None = None):
-    """The RI-adapted zoo for `config`, adapting the experts first when no finished copy exists.
-
-    The run writes into a temporary sibling folder that is renamed into place only at the end, so an
-    interrupted or failed run leaves no half-written zoo behind (and an earlier copy stays intact).
-    ξ is not measured here (callers measure what they show).
-    """
-    import shutil
-    import tempfile
-
-    config = config or RIConfig()
-    validate_config(config)
-    found = cached_adapted_zoo(zoo, config)
-    if found is not None:
-        return found
-    out = adapted_zoo_dir(zoo, config)
-    tmp = tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent)
-    try:
-        adapt_zoo(zoo, tmp, config, device=device, overwrite=True, measure_xi=False, measure_accuracy=True,
-                  progress=progress)
-        if out.exists():  # a leftover without a record (checked above): replace it
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    from ..zoo.manifest import load_zoo
-
-    return load_zoo(out)
+METHOD = register(MethodSpec(
+    name="ri", label="RI-adapted experts",
+    summary="Resolving Interference: adapt each expert on unlabeled images before any merge.", family="pre-merge",
+    Config=RIConfig))

@@ -11,7 +11,7 @@ A zoo folder holds (paths relative to the folder, all named in `zoo.json`):
     data/pool.safetensors         unlabeled pretraining-pool images: `images` uint8 [N, H, W, 3]
     examples/<task>.png           example grid for the UI: one row per class (class order), test images
 
-Checkpoints are in the same format real ones are (methods.md §6.2), so the zoo goes through the
+Checkpoints are in the same format real ones are (docs/checkpoints.md, open_clip), so the zoo goes through the
 same loader (`engine.checkpoints`) as any downloaded model.
 """
 from __future__ import annotations
@@ -208,11 +208,3 @@ def load_zoo(root: str | Path | None = None) -> Zoo:
             raise MergeExplorerError(f"the zoo at {root} is incomplete ({path.relative_to(root)} is missing): "
                                      f"rebuild it with `python -m engine zoo build --force`")
     return zoo
-
-
-def build_zoo(root: str | Path | None = None, quick: bool = False,
-              progress: Callable[[float, str], None] | None = None, force: bool = False, **options: Any) -> Zoo:
-    """Build the demo zoo at `root` (see `engine.zoo.build.build_zoo`); a no-op when it is up to date."""
-    from .build import build_zoo as _build
-
-    return _build(root, quick=quick, progress=progress, force=force, **options)

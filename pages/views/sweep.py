@@ -8,56 +8,54 @@ import streamlit as st
 
 from engine import figures
 from engine.errors import MergeExplorerError
-from engine.methods import METHODS
+from engine.methods import merge_methods
 from engine.sweep import sweep_methods
-from pages import _shared as shared
+from pages.ui import calls, sections, sources, state, widgets
 
 PARAMS = {"lam": "λ (scaling)", "k": "k (TIES trim, %)"}
 RANGES = {"lam": (0.0, 3.0, 0.05, (0.1, 1.5)), "k": (1.0, 100.0, 1.0, (5.0, 100.0))}
 STORE_SIZE = 32
 
-shared.start_page("sweep")
+state.start_page("sweep")
 st.title("Sweep")
 st.markdown("Merge the same experts at many values of one hyperparameter and watch the accuracy move. "
             "A method without that hyperparameter is drawn as a flat dashed line, for reference.")
-act = shared.active()
-if act.zoo is None:
-    st.info("Sweeps measure accuracy, which needs test sets: switch to the demo zoo in the sidebar.")
-    st.stop()
+state.sync_url({})
+act = sources.active(needs_evaluation="A sweep measures accuracy; it")
+METHODS = merge_methods()
 
 
 c1, c2, c3 = st.columns([1, 1.4, 1.2], gap="medium")
 with c1:
-    param = shared.bind(st.radio, "sweep", "lam", "Sweep over", list(PARAMS), format_func=PARAMS.get,
+    param = state.bind(st.radio, "sweep", "lam", "Sweep over", list(PARAMS), format_func=PARAMS.get,
                         valid=lambda v: v in PARAMS,
                         help="λ scales the whole merged change; k is how much of each task vector TIES keeps.")
     lo, hi, step, default_range = RANGES[param]
-    value_range = shared.bind(st.slider, f"range_{param}", default_range, "Range", min_value=lo, max_value=hi,
+    value_range = state.bind(st.slider, f"range_{param}", default_range, "Range", min_value=lo, max_value=hi,
                               step=step, url_key=f"{param}_range",
                               valid=lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and lo <= v[0] <= v[1] <= hi,
                               help="Smallest and largest value tried.")
-    n_points = shared.bind(st.slider, "points", 8, "Points", min_value=2, max_value=16,
+    n_points = state.bind(st.slider, "points", 8, "Points", min_value=2, max_value=16,
                            help="How many evenly spaced values between the two ends (more = slower).")
 with c2:
-    method_names = shared.bind(st.multiselect, "methods", list(METHODS), "Methods", list(METHODS),
+    method_names = state.bind(st.multiselect, "methods", list(METHODS), "Methods", list(METHODS),
                                format_func=lambda n: METHODS[n].label,
                                valid=lambda v: isinstance(v, list) and all(m in METHODS for m in v),
                                help="Which merge methods to draw side by side.")
-    tasks = shared.task_selector(act)
+    tasks = widgets.task_selector(act.tasks)
 with c3:
-    metric = shared.bind(st.selectbox, "sweep_metric", "average", "Show accuracy of", ["average", *act.tasks],
+    metric = state.bind(st.selectbox, "sweep_metric", "average", "Show accuracy of", ["average", *act.tasks],
                          url_key="metric", valid=lambda v: v == "average" or v in act.tasks,
                          format_func=lambda v: "average over tasks" if v == "average" else f"task: {v}",
                          help="The mean over the merged tasks, or one task's own accuracy.")
-    normalized = shared.bind(st.toggle, "norm", False, "Normalised accuracy",
+    normalized = state.bind(st.toggle, "norm", False, "Normalised accuracy",
                              help="Divide by each expert's accuracy: 100 % means 'as good as the expert'.")
-    ri_on, ri_values = shared.ri_controls(act)
+    ri_on, ri_values = sections.ri_controls(act)
 
 # The other hyperparameters stay as set on the Merge page (or their defaults).
 configs = {}
 for name in method_names:
-    m = METHODS[name]
-    configs[name] = {f.name: shared.settings().get(f"{name}.{f.name}", f.default) for f in shared.method_fields(m)}
+    configs[name] = widgets.stored_config(METHODS[name])
 fixed = ", ".join(f"{METHODS[n].label}: " + (", ".join(f"{k} = {v}" for k, v in c.items() if k != param) or "—")
                   for n, c in configs.items())
 st.caption(f"Held fixed (set them on the Merge page): {fixed}")
@@ -65,12 +63,12 @@ st.caption(f"Held fixed (set them on the Merge page): {fixed}")
 values = [round(float(v), 4) for v in np.linspace(value_range[0], value_range[1], int(n_points))]
 if param == "k":
     values = sorted({max(v, 0.1) for v in values})
-shared.sync_url({"sweep": param, f"{param}_range": list(value_range), "points": n_points,
-                 "methods": ",".join(method_names), "tasks": shared.url_tasks(act, tasks),
-                 "metric": metric, "norm": normalized or None, **shared.ri_url_params(ri_on, ri_values)})
+state.sync_url({"sweep": param, f"{param}_range": list(value_range), "points": n_points,
+                "methods": ",".join(method_names), "tasks": widgets.url_tasks(act.tasks, tasks),
+                "metric": metric, "norm": normalized or None, **sections.ri_url_params(ri_on, ri_values)})
 
 try:
-    ri_act = shared.ri_active(act, ri_values) if ri_on else None
+    ri_act = sections.ri_active(act, ri_values) if ri_on else None
 except MergeExplorerError as exc:
     st.error(str(exc), icon=":material/error:")
     st.stop()
@@ -78,7 +76,7 @@ except MergeExplorerError as exc:
 variants = [(act, False)] + ([(ri_act, True)] if ri_act is not None else [])
 key = json.dumps([act.key, param, values, method_names, tasks, configs, ri_act.key if ri_act else None],
                  sort_keys=True, default=str)
-store = shared.result_store("sweep")
+store = calls.result_store("sweep")
 run = st.button("Run sweep", type="primary", key="run_sweep", disabled=not method_names,
                 help=f"{len(values)} values × {len(method_names)} methods" + (" × 2 (with and without RI)" if ri_on
                                                                             else "")
@@ -95,14 +93,15 @@ if run and key not in store:
                              text=("RI-adapted experts: " if _ri else "") + msg)
 
             for r in sweep_methods(source.subset(tasks), [METHODS[n] for n in method_names], param, values,
-                                   evaluate_fn=lambda sd, z=source.zoo: evaluate(z, sd, tasks=tasks),
+                                   evaluate_fn=lambda sd, s=source: evaluate(s.suite, sd, tasks=tasks,
+                                                                             limit=s.limit),
                                    configs=configs, progress=progress):
                 r.extra["ri"] = is_ri
                 results.append(r)
     except MergeExplorerError as exc:
         st.error(str(exc), icon=":material/error:")
     else:
-        shared.remember(store, key, [r.to_json() for r in results], STORE_SIZE)
+        calls.remember(store, key, [r.to_json() for r in results], STORE_SIZE)
     bar.empty()
 
 results = store.get(key)
@@ -110,12 +109,15 @@ if results is None:
     st.info("Press **Run sweep** to merge and evaluate at every value (a few seconds on the demo zoo).")
     st.stop()
 
-ref = shared.reference_accuracies(act.key, act)
-fig = figures.sweep_lines(results, metric=metric, normalized=normalized, individual=ref["individual"])
-shared.show_figure(fig, "sweep_chart",
+ref = calls.reference_accuracies(act)
+fig = figures.sweep_lines(results, metric=metric, normalized=normalized, individual=ref["individual"],
+                          pretrained=ref["pretrained"])
+sections.show_figure(fig, "sweep_chart",
     f"each line is one merge method; each point is a full merge at that value of {PARAMS[param]} followed by a "
-    "test on every task. The peak of a line is that method's best setting for these tasks; dashed lines are "
-    "methods that ignore this hyperparameter."
+    "test on every task. The dotted green line is where the experts stand (each on its own task), the dash-dot "
+    "grey line where the pretrained model stood before any fine-tuning: a merge is worth it where its curve "
+    "rises above the grey line. The peak of a line is that method's best setting for these tasks; dashed lines "
+    "are methods that ignore this hyperparameter."
     + (" Dotted lines merge the experts as fine-tuned, solid lines the same experts after RI; the RI paper "
        "finds RI lifts merges and makes them less sensitive to λ (a flatter line)." if ri_on else ""))
 
@@ -134,6 +136,7 @@ for r in results:
                       "average accuracy (%)": round(r["average"][i], 1),
                       "normalised average (%)": round(100 * r["normalized_average"][i], 1),
                       "spread over the range (points)": round(max(r["average"]) - min(r["average"]), 1)})
+sections.budget_caption(act)
 st.dataframe(best_rows, hide_index=True, width="stretch",
              column_config={"spread over the range (points)": st.column_config.NumberColumn(
                  help="Best minus worst average accuracy over the swept values: how sensitive the method is.")})
@@ -141,11 +144,11 @@ st.dataframe(best_rows, hide_index=True, width="stretch",
 varying = [r for r in results if r["varies"]]
 if varying:
     labels = dict(variant(r) for r in varying)
-    which = shared.bind(st.selectbox, "per_task_method", variant(varying[-1])[0], "Per-task lines for", list(labels),
+    which = state.bind(st.selectbox, "per_task_method", variant(varying[-1])[0], "Per-task lines for", list(labels),
                         format_func=labels.get, valid=lambda v: v in labels,
                         help="Show every task's accuracy for one method.")
     chosen = next(r for r in varying if variant(r)[0] == which)
-    shared.show_figure(figures.sweep_per_task_lines({**chosen, "label": labels[which]}, normalized=normalized,
+    sections.show_figure(figures.sweep_per_task_lines({**chosen, "label": labels[which]}, normalized=normalized,
                                                  individual=ref["individual"]), "sweep_per_task_chart",
         "the same sweep for one method, one line per task. Tasks rarely peak at the same value: the best "
         "average is a compromise between them.")

@@ -1,19 +1,19 @@
-"""Auxiliary images for Resolving Interference: unlabeled, and never the tasks' own data (methods.md §5.2).
+"""Auxiliary images for Resolving Interference: unlabeled, and never the tasks' own data.
 
-Three sources, mirroring the paper's auxiliary-source ablation (§5.5) in miniature:
+Three sources, mirroring the paper's auxiliary-source ablation (docs/methods.md, RI) in miniature:
 
-* ``pool``   the zoo's unlabeled pretraining pool: the images θ_0 was pretrained on, with the labels
-             dropped. The stand-in for ImageNet (the paper's default): broad, natural for θ_0, and
-             not the tasks' train or test splits.
+* ``pool``   the demo zoo's unlabeled pretraining pool: the images θ_0 was pretrained on, with the
+             labels dropped. The stand-in for ImageNet (the paper's default): broad, natural for θ_0,
+             and not the tasks' train or test splits. Only a suite that has a pool offers it.
 * ``render`` procedural drawings unrelated to the tasks: multi-octave value-noise fields under a
              random two-colour map, crossed by random smooth strokes. The stand-in for the paper's
              rendered "Shapes21k" source.
 * ``noise``  i.i.d. Gaussian pixels (mean 127.5, std 64 of 255, clipped), which after the CLIP
              normalisation are roughly unit Gaussian: the paper's control (+0.4 for TSV-M on B/32-8).
 
-Every source returns `n` images as a (n, size, size, 3) uint8 array, the same layout as the task
-renderers (tasks.py), and is a pure function of (source, n, seed): the "fixed, seeded auxiliary
-stream" whose θ_0 outputs RI computes once and reuses for every expert (§5.3).
+Every source returns `n` images as a (n, size, size, 3) uint8 array and is a pure function of
+(source, n, seed): the "fixed, seeded auxiliary stream" whose θ_0 outputs RI computes once and
+reuses for every expert (docs/methods.md, RI).
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from .tasks import IMAGE_SIZE
+from .errors import ConfigError
+
+IMAGE_SIZE = 32  # the demo zoo's input size, the default when no size is given
 
 AUX_SOURCES = ("pool", "render", "noise")
 
@@ -76,28 +77,26 @@ def render_images(n: int, seed: int, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
-def pool_images(zoo: Any, n: int, seed: int) -> np.ndarray:
-    """`n` images drawn without replacement (with, if the pool is smaller) from the zoo's pretraining pool."""
-    from .manifest import load_pretraining_pool
-
-    pool = np.asarray(load_pretraining_pool(zoo))
+def pool_images(suite: Any, n: int, seed: int) -> np.ndarray:
+    """`n` images drawn without replacement (with, if the pool is smaller) from the suite's pretraining pool."""
+    pool = np.asarray(suite.pool_images())
     if pool.ndim != 4 or pool.shape[-1] != 3:
-        raise ConfigError(f"{zoo.root}: the pretraining pool has shape {pool.shape}, expected (N, H, W, 3) images")
+        raise ConfigError(f"{suite.label}: the pretraining pool has shape {pool.shape}, expected (N, H, W, 3) images")
     rng = np.random.default_rng([seed, 0])
     index = rng.choice(len(pool), size=n, replace=n > len(pool))
     return pool[index]
 
 
-def aux_images(source: str, n: int, seed: int = 0, *, zoo: Any = None, size: int | None = None) -> np.ndarray:
+def aux_images(source: str, n: int, seed: int = 0, *, suite: Any = None, size: int | None = None) -> np.ndarray:
     """The fixed, seeded auxiliary stream: (n, size, size, 3) uint8 images from `source`."""
     if source not in AUX_SOURCES:
         raise ConfigError(f"auxiliary source must be one of {', '.join(AUX_SOURCES)}, got {source!r}")
     if n < 1:
         raise ConfigError(f"the auxiliary stream needs at least one image, got n={n}")
     if source == "pool":
-        if zoo is None:
-            raise ConfigError("--aux pool needs a zoo (its unlabeled pretraining pool); use render or noise "
-                              "for checkpoints given as files")
-        return pool_images(zoo, n, seed)
+        if suite is None or not hasattr(suite, "pool_images"):
+            raise ConfigError("--aux pool needs the demo zoo (its unlabeled pretraining pool); use render or noise "
+                              "for other checkpoints")
+        return pool_images(suite, n, seed)
     size = size or IMAGE_SIZE
     return render_images(n, seed, size) if source == "render" else noise_images(n, seed, size)

@@ -7,25 +7,25 @@ import streamlit as st
 
 from engine import figures
 from engine.errors import MergeExplorerError
-from engine.methods import METHODS
-from pages import _shared as shared
+from engine.methods import get_method
+from pages.ui import calls, sections, sources, state, widgets
 
 VIEWS = {"layer": "bars per layer", "tensor": "bars per tensor", "heatmap": "heatmap: layers × k"}
 METRICS = {"rate_all": "all parameters", "rate_nonzero2": "parameters kept by ≥ 2 tasks"}
 
-shared.start_page("interference")
+state.start_page("interference")
 st.title("Interference")
 st.markdown("Two experts **conflict** on a parameter when, after trimming, one pushes it up (τ > 0) and another "
             "pushes it down (τ < 0). Merging must then pick a side: that is interference.")
-act = shared.active()
+act = sources.active()
 
 c1, c2, c3 = st.columns([2, 1.2, 1], gap="medium")
 with c1:
-    tasks = shared.task_selector(act, "Tasks compared")
+    tasks = widgets.task_selector(act.tasks, "Tasks compared")
 with c2:
-    ties_params = shared.config_widgets(METHODS["ties"], only=("k", "trim"))
+    ties_params = widgets.method_widgets(get_method("ties"), only=("k", "trim"))
 with c3:
-    metric = shared.bind(
+    metric = state.bind(
         st.radio, "metric", "rate_all", "Conflict rate out of", list(METRICS), format_func=METRICS.get,
         valid=lambda v: v in METRICS,
         help="Denominator: every parameter (the TIES paper's plot), or only parameters that at least two tasks "
@@ -33,16 +33,15 @@ with c3:
 k, trim = float(ties_params["k"]), ties_params["trim"]
 
 try:
-    if k <= 0:
-        raise MergeExplorerError("trim k must be above 0 %: k = 0 would drop every task vector")
     if len(tasks) < 2:
         raise MergeExplorerError("choose at least two tasks: a conflict needs two task vectors that disagree")
-    report = shared.conflict_report(act.key, tuple(tasks), k, trim, act)
-    st.session_state["last_conflicts"] = {"report": report, "k": k, "trim": trim, "tasks": tasks}
+    report = calls.conflict_report(act.key, tuple(tasks), k, trim, act)
+    st.session_state["last_conflicts"] = {"report": report, "k": k, "trim": trim, "tasks": tasks, "key": act.key}
 except MergeExplorerError as exc:
     st.error(str(exc), icon=":material/error:")
     last = st.session_state.get("last_conflicts")
-    if last is None:
+    if last is None or last.get("key") != act.key:
+        state.sync_url({"tasks": widgets.url_tasks(act.tasks, tasks), "k": k, "trim": trim, "metric": metric})
         st.stop()
     report, k, trim, tasks = last["report"], last["k"], last["trim"], last["tasks"]
     st.caption(f"Still showing the last analysis that worked: k = {k:g} %, {trim} trim, {len(tasks)} tasks.")
@@ -59,7 +58,7 @@ m3.metric("Random-sign baseline", f"{100 * overall['random_baseline']:.2f} %",
           help="What the first number would be if each task kept a random k % of parameters with coin-flip signs.")
 
 # ---- per layer / tensor ---------------------------------------------------------------------
-view = shared.bind(st.segmented_control, "view", "layer", "Conflicts by", list(VIEWS), format_func=VIEWS.get,
+view = state.bind(st.segmented_control, "view", "layer", "Conflicts by", list(VIEWS), format_func=VIEWS.get,
                    valid=lambda v: v in VIEWS, help="Bars at the current k, or a heatmap over several k values.")
 view = view or "layer"
 numels = {name: math.prod(shape) for name, shape in zip(act.stack.names, act.stack.shapes)}
@@ -77,39 +76,39 @@ else:
     note = ("one bar per " + ("layer (its tensors pooled, weighted by size)" if view == "layer" else "weight tensor")
             + ": the share of its parameters where the kept task vectors disagree in sign. The dashed line is "
               "what random signs would give; bars above it mean the tasks fight more than chance there.")
-shared.show_figure(fig, "conflict_layers_chart", note)
+sections.show_figure(fig, "conflict_layers_chart", note)
 
 # ---- curves ---------------------------------------------------------------------------------
 left, right = st.columns(2, gap="large")
 with left:
-    shared.show_figure(figures.conflict_vs_k(report["k_curve"], current_k=k), "conflict_k_chart",
+    sections.show_figure(figures.conflict_vs_k(report["k_curve"], current_k=k), "conflict_k_chart",
         "the overall conflict rate as each task vector keeps more of its largest changes (k, in %). Solid: "
         "measured on these experts; dashed: random signs. The dotted red line is the k chosen above.")
 with right:
-    shared.show_figure(figures.conflict_vs_n_tasks(report["n_tasks_curve"], k=k, current_n=len(tasks)),
+    sections.show_figure(figures.conflict_vs_n_tasks(report["n_tasks_curve"], k=k, current_n=len(tasks)),
                        "conflict_n_chart",
         "the conflict rate when merging 2, 3, … of the chosen tasks at the current k. More tasks, more chances "
         "that someone disagrees: this is why merging many experts gets harder.")
 
 left, right = st.columns(2, gap="large")
 with left:
-    shared.show_figure(figures.pairwise_conflict_heatmap(report["tasks"], report["pairwise"]), "pairwise_chart",
+    sections.show_figure(figures.pairwise_conflict_heatmap(report["tasks"], report["pairwise"]), "pairwise_chart",
         "for each pair of tasks, among the parameters both kept after trimming, the % whose signs disagree. "
         "About 50 % means unrelated directions; lower means the two tasks changed the model alike.")
 with right:
-    mag_task = shared.bind(st.selectbox, "mag_task", act.tasks[0], "Task vector to inspect", act.tasks,
+    mag_task = state.bind(st.selectbox, "mag_task", act.tasks[0], "Task vector to inspect", act.tasks,
                            url_key="task", valid=lambda v: v in act.tasks,
                            help="Whose task vector τ = θ_task − θ₀ to show in the histogram below.")
     try:
-        hist = shared.magnitude_report(act.key, mag_task, k, trim, act)
+        hist = calls.magnitude_report(act.key, mag_task, k, trim, act)
     except MergeExplorerError as exc:
         st.error(str(exc), icon=":material/error:")
     else:
-        shared.show_figure(figures.magnitude_histogram(hist, task=mag_task, k=k), "magnitude_chart",
+        sections.show_figure(figures.magnitude_histogram(hist, task=mag_task, k=k), "magnitude_chart",
             "how big the changes made by fine-tuning are, on a log scale (each step right = 10× larger). "
             "TIES keeps only the blue part right of the red threshold (the top k %) and resets the grey part "
             "to the pretrained value." + (" With per-tensor trim each tensor has its own threshold; the line "
                                           "shows a typical one." if trim != "global" else ""))
 
-shared.sync_url({"tasks": shared.url_tasks(act, tasks), "k": k, "trim": trim, "metric": metric, "view": view,
-                 "task": mag_task})
+state.sync_url({"tasks": widgets.url_tasks(act.tasks, tasks), "k": k, "trim": trim, "metric": metric, "view": view,
+                "task": mag_task})

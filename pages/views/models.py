@@ -1,19 +1,17 @@
-"""Models: which checkpoints are in use, their tasks (examples, descriptions), size and device."""
+"""Models: which checkpoints are in use, their tasks (examples, classes, accuracies), size and device."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import streamlit as st
 
 from engine.device import resolve_device
-from pages import _shared as shared
+from pages.ui import calls, sections, sources, state
 
-shared.start_page("models")
+state.start_page("models")
 st.title("Models")
 st.markdown("One **pretrained** model θ₀ and several **experts** θₜ, each fine-tuned from θ₀ on one task. "
             "A *task vector* τₜ = θₜ − θ₀ is what fine-tuning changed; merging adds task vectors back to θ₀.")
-act = shared.active()
-shared.sync_url({})
+state.sync_url({})
+act = sources.active()
 
 base_numel = sum(t.numel() for t in act.stack.base.values())
 base_bytes = sum(t.numel() * t.element_size() for t in act.stack.base.values())
@@ -29,48 +27,55 @@ c4.metric("Compute device", device.type.upper(), help="CUDA when a GPU is presen
 st.caption(f"Task vectors: {act.stack.numel:,} merge-eligible entries (floating-point tensors) × "
            f"{len(act.tasks)} tasks, held in one {act.stack.data.dtype} buffer of "
            f"{act.stack.data.numel() * act.stack.data.element_size() / 2**20:.1f} MiB.")
+if act.stack.kept_from_base:
+    st.caption("Kept at the pretrained values in every merge (no expert checkpoint has them): "
+               + ", ".join(f"`{n}`" for n in act.stack.kept_from_base) + ".")
 
-with st.expander("Where the checkpoints are", expanded=act.kind == "folder"):
+with st.expander("Where the checkpoints are", expanded=act.kind != "zoo"):
     rows = [{"role": "pretrained θ₀", "task": "—", "file": str(act.source.base_path)}]
     rows += [{"role": "expert θₜ", "task": t, "file": str(p)} for t, p in zip(act.source.tasks, act.source.expert_paths)]
     st.dataframe(rows, hide_index=True, width="stretch")
 
 st.subheader("Tasks")
-if act.zoo is None:
-    st.info("A local folder has no task descriptions or test sets: the Interference page works on any "
-            "source, accuracy charts (Merge, Sweep) need the demo zoo.")
+if not act.can_evaluate:
+    st.info("A checkpoint folder has no task descriptions or test images: the Interference page and the merged "
+            "checkpoint's download work on it; accuracy (Merge, Sweep, Continual) needs test images, which a suite "
+            "file names for the same checkpoints (docs/suites.md).")
     for t in act.tasks:
         st.markdown(f"- **{t}**")
     st.stop()
 
-reference = shared.reference_accuracies(act.key, act)
-st.caption("Each card: what the task asks, test images (one row per class), and the top-1 accuracy of the "
-           "task's own expert and of the pretrained model θ₀ on its held-out test set.")
-by_name = {t.name: t for t in act.zoo.tasks}
+reference = calls.reference_accuracies(act)
+st.caption("Each card: what the task asks, its classes, and the top-1 accuracy of the task's own expert and of the "
+           "pretrained model θ₀ on its held-out test images.")
+sections.budget_caption(act)
+suite = act.suite
 cols_per_row = 4
-task_names = act.tasks
-for start in range(0, len(task_names), cols_per_row):
+for start in range(0, len(act.tasks), cols_per_row):
     cols = st.columns(cols_per_row, border=True)
-    for col, name in zip(cols, task_names[start:start + cols_per_row]):
-        task = by_name.get(name)
+    for col, name in zip(cols, act.tasks[start:start + cols_per_row]):
         with col:
             st.markdown(f"#### {name}")
             ind, pre = reference["individual"].get(name), reference["pretrained"].get(name)
             st.markdown(f"Expert **{'—' if ind is None else f'{ind:.1f} %'}** · pretrained "
                         f"**{'—' if pre is None else f'{pre:.1f} %'}**",
-                        help="Top-1 accuracy on the task's test set: its own fine-tuned expert, and θ₀ "
+                        help="Top-1 accuracy on the task's test images: its own fine-tuned expert, and θ₀ "
                              "before any fine-tuning.")
-            if task is not None:
-                st.write(task.description)
-                examples = act.zoo.examples_path(name) if task.examples_file else None
-                if examples is not None and examples.is_file():
+            description = suite.description(name)
+            if description:
+                st.write(description)
+            zoo = getattr(suite, "zoo", None)
+            if zoo is not None:
+                examples = zoo.examples_path(name)
+                if examples.is_file():
                     st.image(str(examples), width="stretch")
-                classes = list(task.classes)
-                shown = ", ".join(map(str, classes[:12])) + (" …" if len(classes) > 12 else "")
-                st.caption(f"{len(classes)} classes, one row each: {shown}")
+            classes = suite.classes(name)
+            shown = ", ".join(map(str, classes[:12])) + (" …" if len(classes) > 12 else "")
+            st.caption(f"{len(classes)} classes" + (", one row each" if zoo is not None else "") + f": {shown}")
 
-config = getattr(act.zoo, "model_config", None) or {}
-if config:
+zoo = getattr(suite, "zoo", None)
+if zoo is not None:
+    config = zoo.model_config
     kw = config.get("kwargs", {})
     st.subheader("Model")
     arch = ", ".join(f"{label} {kw[key]}" for key, label in (("image_size", "image size"),
@@ -82,3 +87,9 @@ if config:
                 "the encoder, so the experts can be merged weight by weight.")
     with st.expander("Full model configuration"):
         st.json(config)
+else:
+    clip = suite.clip
+    st.subheader("Model")
+    st.markdown(f"CLIP `{clip.arch}` at {clip.image_size} px. Each task's head is built from its class names and "
+                "prompt templates with the CLIP text tower (zero-shot), cached on disk; the experts change only "
+                "the image encoder, so they can be merged weight by weight.")

@@ -9,43 +9,42 @@ import json
 import streamlit as st
 
 from engine import figures
-from engine.continual import (CONTINUAL_LABELS, MingleContinual, PAPER_ORDER_SEEDS, continual_methods,
-                              make_method, method_config, run_continual, task_order)
+from engine.continual import PAPER_ORDER_SEEDS, make_method, method_config, run_continual, task_order
 from engine.device import resolve_device
 from engine.errors import MergeExplorerError
-from pages import _shared as shared
+from engine.methods import continual_methods
+from pages.ui import calls, sections, sources, state, widgets
 
 MINGLE_FIELDS = ("rank", "gamma", "beta", "subspace_k", "steps", "seeds_per_class", "layers", "projection")
-BASELINES = ("average", "task-arithmetic", "ties", "magmax", "opcm")
 DEFAULT_METHODS = ["mingle", "opcm", "task-arithmetic"]
-# The γ comparison (methods.md §4.14): MINGLE as set above, changing only these (projection is
+# The γ comparison (docs/methods.md, MINGLE): MINGLE as set above, changing only these (projection is
 # switched on for the γ variants: γ means nothing without it).
 GAMMA_VARIANTS = {"no projection": {"projection": False},
                   "γ = 0 (hard projection)": {"gamma": 0.0, "projection": True},
                   "γ = 1": {"gamma": 1.0, "projection": True}, "γ = 3": {"gamma": 3.0, "projection": True}}
 STORE_SIZE = 64
 
-shared.start_page("continual")
+state.start_page("continual")
 st.title("Continual merging")
 st.markdown("Fine-tuned models arrive **one at a time**; after each arrival the merged model is tested on every "
             "task seen so far. MINGLE adds low-rank experts with gates trained at test time on a few unlabeled "
             "images, and keeps old tasks by steering the new gate away from what earlier tasks' inputs look "
             "like (its null space); the baselines merge weights as they come.")
-act = shared.active()
-if act.zoo is None:
-    st.info("Continual merging is measured on test sets: switch to the demo zoo in the sidebar.")
-    st.stop()
+state.sync_url({})
+act = sources.active(needs_evaluation="Continual merging is measured on test images; it")
+METHODS = continual_methods()
+LABELS = {n: m.continual_name for n, m in METHODS.items()}
 
-width = int(act.zoo.model_config["kwargs"].get("width", 64))
+width = min(min(act.stack.shapes[act.stack.names.index(n)]) for n in act.stack.names if n.endswith("fc1.weight"))
 c1, c2 = st.columns([1, 1.3], gap="large")
 with c1:
-    method_names = shared.bind(
-        st.multiselect, "continual_methods", DEFAULT_METHODS, "Methods", list(continual_methods()),
-        url_key="cmethods", format_func=CONTINUAL_LABELS.get,
-        valid=lambda v: isinstance(v, list) and all(m in CONTINUAL_LABELS for m in v),
+    method_names = state.bind(
+        st.multiselect, "continual_methods", [m for m in DEFAULT_METHODS if m in METHODS], "Methods", list(METHODS),
+        url_key="cmethods", format_func=LABELS.get,
+        valid=lambda v: isinstance(v, list) and all(m in METHODS for m in v),
         help="Which continual methods to run on the same task stream, side by side.")
-    tasks = shared.task_selector(act, "Tasks in the stream")
-    order_seed = shared.bind(
+    tasks = widgets.task_selector(act.tasks, "Tasks in the stream")
+    order_seed = state.bind(
         st.selectbox, "order_seed", PAPER_ORDER_SEEDS[0], "Task order", list(PAPER_ORDER_SEEDS), url_key="order",
         format_func=lambda s: f"s{s}: " + " → ".join(task_order(tasks, s)),
         valid=lambda v: v in PAPER_ORDER_SEEDS,
@@ -53,17 +52,17 @@ with c1:
     order = task_order(tasks, order_seed)
 with c2:
     st.markdown("**MINGLE settings**")
-    mingle_values = shared.config_widgets(
-        MingleContinual, only=MINGLE_FIELDS, prefix="continual.mingle", url_ok=True,
+    mingle_values = widgets.config_widgets(
+        METHODS["mingle"].continual_config_cls, "continual.mingle", only=MINGLE_FIELDS, url_ok=True,
         bounds={"rank": (1, width), "gamma": (0.0, 10.0), "subspace_k": (0, 16), "steps": (0, 300),
                 "seeds_per_class": (1, 50)})
     with st.expander("Baseline settings"):
-        baseline_values = {name: shared.config_widgets(continual_methods()[name], prefix=f"continual.{name}",
-                                                       url_ok=False)
-                           for name in BASELINES if name in method_names and name != "average"}
+        baseline_values = {name: widgets.config_widgets(METHODS[name].continual_config_cls, f"continual.{name}",
+                                                        url_ok=False)
+                           for name in method_names if name != "mingle"}
 
-shared.sync_url({"cmethods": ",".join(method_names), "tasks": shared.url_tasks(act, tasks), "order": order_seed,
-                 **mingle_values})
+state.sync_url({"cmethods": ",".join(method_names), "tasks": widgets.url_tasks(act.tasks, tasks), "order": order_seed,
+                **mingle_values})
 
 values_for = {"mingle": mingle_values, **baseline_values}
 
@@ -77,7 +76,7 @@ def run_all(specs: list[tuple[str, str, dict]], what: str) -> None:
     missing = [(label, name, values) for label, name, values in specs if run_key(name, values) not in store]
     if not missing:
         return
-    source = shared.continual_source(act.key, tuple(tasks), act)
+    source = act.suite.select(tasks)
     device = resolve_device("auto")  # CUDA when present, as the sidebar says
     bar = st.progress(0.0, text=f"Starting {what}…")
     try:
@@ -86,18 +85,17 @@ def run_all(specs: list[tuple[str, str, dict]], what: str) -> None:
                 bar.progress(min(1.0, (_i + fraction) / len(missing)),
                              text=f"{_label} ({_i + 1}/{len(missing)}): {message}")
 
-            method = make_method(name, method_config(name, values), source.model_config, device=device)
+            method = make_method(name, method_config(name, values), source.build_encoder, device=device)
             result = run_continual(source, method, order, seeds_per_class=int(values.get("seeds_per_class", 5)),
-                                   gate_stats=name == "mingle", progress=progress, device=device)
-            shared.remember(store, run_key(name, values), {**result.to_json(), "label": CONTINUAL_LABELS[name]},
-                            STORE_SIZE)
+                                   gate_stats=name == "mingle", progress=progress, device=device, limit=act.limit)
+            calls.remember(store, run_key(name, values), {**result.to_json(), "label": LABELS[name]}, STORE_SIZE)
     except MergeExplorerError as exc:
         st.error(f"{exc}. Results computed before this one are kept.", icon=":material/error:")
     bar.empty()
 
 
-store = shared.result_store("continual")
-specs = [(CONTINUAL_LABELS[n], n, values_for.get(n, {})) for n in method_names]
+store = calls.result_store("continual")
+specs = [(LABELS[n], n, values_for.get(n, {})) for n in method_names]
 if st.button("Run continual merging", type="primary", key="run_continual", disabled=not method_names,
              help=f"{len(method_names)} method(s) × {len(order)} task steps; each step merges one more task and "
                   "tests on all tasks seen so far. Progress is shown below."):
@@ -116,17 +114,17 @@ else:
                    "FWT (points)": None if r["FWT"] is None else round(r["FWT"], 1),
                    "merge time (s)": round(r["timings"]["merge_total_s"], 1)} for r in results],
                  hide_index=True, width="stretch")
-    shared.show_figure(figures.continual_seen_average_lines(results), "seen_average_chart",
+    sections.show_figure(figures.continual_seen_average_lines(results), "seen_average_chart",
         "after each new task is merged (x), the merged model's average accuracy over all tasks seen so far (y). "
         "A line that stays high keeps old tasks while adding new ones. ACC is the last point; BWT is how much "
         "accuracy on earlier tasks changed from when they were added to the end (0 = no forgetting).")
 
     labels = {r["method"]: r["label"] for r in results}
-    shown = shared.bind(st.selectbox, "matrix_method", results[0]["method"], "Accuracy matrix of", list(labels),
+    shown = state.bind(st.selectbox, "matrix_method", results[0]["method"], "Accuracy matrix of", list(labels),
                         url_key="", format_func=labels.get, valid=lambda v: v in labels,
                         help="Which method's step × task accuracy matrix to show.")
     chosen = next(r for r in results if r["method"] == shown)
-    shared.show_figure(figures.accuracy_matrix_heatmap(chosen), "accuracy_matrix_chart",
+    sections.show_figure(figures.accuracy_matrix_heatmap(chosen), "accuracy_matrix_chart",
         "row i is the merged model right after the i-th task arrived; each cell is its accuracy on one task. "
         "The diagonal is how well a task is learnt when it arrives; reading a column downwards shows it being "
         "kept or forgotten as later tasks come in. Blank cells: tasks that had not arrived yet.")
@@ -134,19 +132,19 @@ else:
     mingle = next((r for r in results if r["method"] == "mingle" and r.get("gates")), None)
     if mingle is not None:
         st.subheader("MINGLE's gates")
-        paper_range = shared.bind(st.toggle, "gate_paper_range", False, "Paper's y range (−0.3 to 1.3)",
+        paper_range = state.bind(st.toggle, "gate_paper_range", False, "Paper's y range (−0.3 to 1.3)",
                                   url_key="", help="Draw the gate panels on the MINGLE paper's fixed scale instead "
                                                    "of zooming in on the values (the demo zoo's gates are small).")
-        shared.show_figure(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]},
+        sections.show_figure(figures.gate_activation_panels({"MINGLE (settings above)": mingle["gates"]},
                                                        paper_range=paper_range), "gate_panels_chart",
             "each panel is one gate, trained when its task arrived (grey bar). The curve is the gate's average "
             "output when the final model sees each task's test images. A gate that is high only at its own task "
             "routes inputs to the right expert; high values on other tasks mean its expert interferes there.")
-        eval_task = shared.bind(st.selectbox, "gate_eval_task", mingle["gates"]["eval_tasks"][0],
+        eval_task = state.bind(st.selectbox, "gate_eval_task", mingle["gates"]["eval_tasks"][0],
                                 "Per-layer gates on images of", list(mingle["gates"]["eval_tasks"]), url_key="",
                                 valid=lambda v: v in mingle["gates"]["eval_tasks"],
                                 help="Which task's test images the per-layer heatmap averages over.")
-        shared.show_figure(figures.gate_layer_heatmap(mingle["gates"], eval_task), "gate_layers_chart",
+        sections.show_figure(figures.gate_layer_heatmap(mingle["gates"], eval_task), "gate_layers_chart",
             "one row per gated linear layer, one column per gate: its mean raw output on this task's images. "
             "Red is positive (the expert is added), blue negative (subtracted); the dotted column is the task's "
             "own gate.")
@@ -165,8 +163,8 @@ if len(gamma_runs) == len(gamma_specs):
                    "BWT (points)": None if r["BWT"] is None else round(r["BWT"], 2)}
                   for label, r in gamma_runs.items()], hide_index=True, width="stretch")
     gamma_figure = figures.gate_activation_panels({label: r["gates"] for label, r in gamma_runs.items()},
-                                                  paper_range=shared.settings().get("gate_paper_range", False))
-    shared.show_figure(gamma_figure, "gamma_gates_chart",
+                                                  paper_range=state.settings().get("gate_paper_range", False))
+    sections.show_figure(gamma_figure, "gamma_gates_chart",
         "the paper's Fig. 3 on this zoo: every gate's output on each task's images, one curve per variant. "
         "Left of the grey bar are tasks that arrived earlier: there the constraint should hold the gate down, "
         "more so for smaller γ, which is what keeps old tasks from being forgotten.")
