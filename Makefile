@@ -1,4 +1,5 @@
 # The two commands (see README): `make app` starts the app on the demo zoo, `make test` runs the tests.
+# `make test-fast` is the inner loop: the engine's unit and property tests (pytest marker `fast`).
 # Both set everything up on a fresh machine: a virtualenv in .venv from the pinned requirements.txt
 # (and, for the tests, Debian's chromium for the browser test).
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 
-.PHONY: app test zoo bench setup
+.PHONY: app test test-fast zoo bench setup
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ app: zoo
 test: setup
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m fast -q
 
 bench: setup
 	$(PY) benchmarks/ties.py

@@ -1,7 +1,8 @@
 """Merge Explorer: `streamlit run app.py`.
 
-Navigation over the page scripts in pages/views/ and the shared sidebar (model source, device);
-nothing else. The demo zoo's location is MERGE_EXPLORER_ZOO when set, else engine.zoo's default.
+Navigation over the page scripts in pages/views/ (a bar at the top, so the legacy sidebar list that
+.streamlit/config.toml hides stays hidden) and the shared sidebar (model source, device); nothing
+else. The demo zoo's location is MERGE_EXPLORER_ZOO when set, else engine.zoo's default.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ PAGES = [
     st.Page("pages/views/sweep.py", title="Sweep", icon=":material/monitoring:"),
     st.Page("pages/views/continual.py", title="Continual", icon=":material/timeline:"),
 ]
-page = st.navigation(PAGES)
+page = st.navigation(PAGES, position="top")
 state.remember_start_url()
 state.start_page("sidebar")  # widgets drawn by app.py on every page
 

@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.continual import MingleContinual, ZooSource, run_continual, task_order  # noqa: E402
-from engine.methods.mingle import MingleConfig  # noqa: E402
+from engine.continual import run_continual, task_order  # noqa: E402
+from engine.methods.mingle import MingleConfig, MingleContinual  # noqa: E402
+from engine.zoo.suite import ZooSuite  # noqa: E402
 
 BUDGET_S = 180.0
 
@@ -35,12 +36,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    source = ZooSource.from_dir(args.zoo)
+    source = ZooSuite.load(args.zoo)
     order = task_order(source.tasks, args.order_seed)
     for task in order:  # load test sets before the clock: I/O is not MINGLE's cost
         source.test_set(task)
     load_s = time.perf_counter() - start
-    method = MingleContinual(MingleConfig(layers=args.layers, steps=args.steps), source.model_config)
+    method = MingleContinual(MingleConfig(layers=args.layers, steps=args.steps), encoder=source.build_encoder)
     result = run_continual(source, method, order)
     print(f"zoo {args.zoo}: {len(order)} tasks, order s{args.order_seed}, threads {args.threads}, "
           f"layers {args.layers} (loading {load_s:.1f} s, not counted)")

@@ -24,21 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.analysis.interference import measure_interference  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.methods import get_method  # noqa: E402
-from engine.methods.ri import RIConfig, adapt_zoo  # noqa: E402
+from engine.adapted import write_experts  # noqa: E402
+from engine.methods.ri import RIConfig, adapt_suite  # noqa: E402
 from engine.task_vectors import TaskVectorStack  # noqa: E402
-from engine.zoo.manifest import load_zoo  # noqa: E402
+from engine.zoo.suite import ZooSuite  # noqa: E402
 
 METHODS = ("average", "task-arithmetic", "ties")
 
 
-def merge_and_measure(reference_zoo, zoo, method_name: str) -> dict:
-    """Merge `zoo`'s experts with a method at its defaults; accuracy and ξ against `reference_zoo`'s experts."""
+def merge_and_measure(suite, method_name: str) -> dict:
+    """Merge `suite`'s experts with a method at its defaults; accuracy, and ξ against the original experts."""
     method = get_method(method_name)
-    tasks = list(zoo.task_names())
-    stack = TaskVectorStack.from_files(zoo.pretrained_path, [zoo.expert_path(t) for t in tasks], tasks)
+    stack = TaskVectorStack.from_suite(suite)
     merged = stack.apply(method.merge(stack, method.Config()))
-    accuracy = evaluate(reference_zoo, merged, tasks=tasks).to_json()
-    xi = measure_interference(reference_zoo, merged, tasks).to_json()
+    accuracy = evaluate(suite, merged).to_json()
+    xi = measure_interference(suite, merged).to_json()
     return {"average_pct": accuracy["average"], "normalized": accuracy.get("normalized_average"),
             "per_task_pct": accuracy["per_task"], "xi": xi}
 
@@ -46,7 +46,7 @@ def merge_and_measure(reference_zoo, zoo, method_name: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", default=".zoo/demo")
-    parser.add_argument("--out", default=None, help="keep the adapted zoo here (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="keep the adapted experts here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--aux", default=None, choices=("pool", "render", "noise"))
     parser.add_argument("--steps", type=int, default=None)
@@ -58,15 +58,18 @@ def main() -> int:
     overrides = {k: v for k, v in (("aux", args.aux), ("steps", args.steps), ("alpha", args.alpha)) if v is not None}
     config = dataclasses.replace(RIConfig(), **overrides)
 
-    zoo = load_zoo(args.zoo)
+    zoo = ZooSuite.load(args.zoo)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "ri"
         start = time.perf_counter()
-        result = adapt_zoo(zoo, out, config, overwrite=True, measure_xi=False, measure_accuracy=False)
+        adapted_weights, result = adapt_suite(zoo, config, measure_accuracy=False)
+        write_start = time.perf_counter()
+        write_experts(out, adapted_weights, result)
+        write_s = time.perf_counter() - write_start
         wall_s = time.perf_counter() - start
         print(f"RI, {len(result.tasks)} experts, {torch.get_num_threads()} threads, settings {dataclasses.asdict(config)}")
         print(f"  wall time {wall_s:.1f} s (adaptation {result.timings['adapt_s']:.1f} s, "
-              f"setup {result.timings['setup_s']:.1f} s, write {result.timings['write_s']:.1f} s); budget 300 s")
+              f"setup {result.timings['setup_s']:.1f} s, write {write_s:.1f} s); budget 300 s")
         for s in result.experts:
             print(f"    {s.task:>10}: {s.seconds:5.1f} s   L_RI(aux) {s.aux_loss_before:.4f} -> {s.aux_loss_after:.4f}"
                   f"   interference term {s.aux_interference_before:.4f} -> {s.aux_interference_after:.4f}"
@@ -74,10 +77,11 @@ def main() -> int:
         payload = {"config": dataclasses.asdict(config), "wall_s": wall_s, "threads": torch.get_num_threads(),
                    "timings": result.timings, "experts": [s.to_json() for s in result.experts]}
         if args.table:
-            adapted = load_zoo(out)
+            adapted = zoo.with_experts({t: out / "experts" / f"{t}.safetensors" for t in zoo.task_names()},
+                                       f"{zoo.label}, RI-adapted")
             rows = {}
             for name in METHODS:
-                rows[name] = {"without": merge_and_measure(zoo, zoo, name), "with": merge_and_measure(zoo, adapted, name)}
+                rows[name] = {"without": merge_and_measure(zoo, name), "with": merge_and_measure(adapted, name)}
             payload["table"] = rows
             print("\n| method | acc without RI | acc with RI | norm. without | norm. with | ξ without | ξ with |")
             print("|---|---|---|---|---|---|---|")

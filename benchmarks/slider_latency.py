@@ -47,14 +47,12 @@ def _engine_paths(zoo_dir: Path, repeats: int) -> list[tuple[str, list[float]]]:
     from engine.analysis.magnitudes import magnitude_histogram
     from engine.evaluate import evaluate, evaluate_model
     from engine.methods import get_method
-    from engine.sources import zoo_source
     from engine.task_vectors import TaskVectorStack
-    from engine.zoo.manifest import load_zoo
+    from engine.zoo.suite import ZooSuite
 
     t0 = time.perf_counter()
-    zoo = load_zoo(zoo_dir)
-    src = zoo_source(zoo)
-    stack = TaskVectorStack.from_files(src.base_path, src.expert_paths, tasks=src.tasks)
+    zoo = ZooSuite.load(zoo_dir)
+    stack = TaskVectorStack.from_suite(zoo)
     load_s = time.perf_counter() - t0
     tasks = list(stack.tasks)
     print(f"zoo: {zoo_dir}  tasks: {len(tasks)}  task-vector entries D = {stack.numel:,}  "
@@ -116,20 +114,11 @@ def _engine_paths(zoo_dir: Path, repeats: int) -> list[tuple[str, list[float]]]:
 
 
 def _apptest_paths(zoo_dir: Path, repeats: int) -> list[tuple[str, list[float]]]:
-    from streamlit.runtime.pages_manager import PagesManager
     from streamlit.testing.v1 import AppTest
 
-    # as tests/test_app_pages.py: route through app.py as a live server does after its first run
-    original = PagesManager.__init__
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        PagesManager.uses_pages_directory = False
-
-    PagesManager.__init__ = init
     os.environ["MERGE_EXPLORER_ZOO"] = str(zoo_dir)
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600).run()
-    at.switch_page("pages/merge.py").run()
+    at.switch_page("pages/views/merge.py").run()
     at.radio(key="w.merge.method").set_value("ties").run()
     rows = []
 
@@ -144,7 +133,7 @@ def _apptest_paths(zoo_dir: Path, repeats: int) -> list[tuple[str, list[float]]]
                  [timed(at.slider(key="w.merge.ties.lam"), 0.55 + 0.05 * i) for i in range(repeats)]))
     rows.append(("AppTest rerun, Merge page, move k (new values)",
                  [timed(at.slider(key="w.merge.ties.k"), 40.0 + i) for i in range(repeats)]))
-    at.switch_page("pages/interference.py").run()
+    at.switch_page("pages/views/interference.py").run()
     rows.append(("AppTest rerun, Interference page, move k (new values)",
                  [timed(at.slider(key="w.interference.ties.k"), 60.0 + i) for i in range(repeats)]))
     return rows
@@ -157,8 +146,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="slider moves timed per path")
     parser.add_argument("--no-apptest", action="store_true", help="skip the whole-script (AppTest) timings")
     args = parser.parse_args()
-    zoo_dir = args.zoo or Path(os.environ.get("MERGE_EXPLORER_ZOO") or _default_zoo())
-    from engine.zoo.manifest import MANIFEST_NAME
+    from engine.zoo.manifest import MANIFEST_NAME, default_zoo_dir
+
+    zoo_dir = args.zoo or default_zoo_dir()
 
     if not (zoo_dir / MANIFEST_NAME).is_file():
         print(f"no zoo at {zoo_dir}: build it with `python -m engine zoo build` (or pass --zoo)", file=sys.stderr)
@@ -180,12 +170,6 @@ def main() -> int:
               f"λ first {data['lam_first_s']:.2f} s, λ {', '.join(f'{x:.2f}' for x in data['lam_warm_s'])} s, "
               f"k {', '.join(f'{x:.2f}' for x in data['k_s'])} s")
     return 0
-
-
-def _default_zoo() -> str:
-    from engine.zoo.manifest import DEFAULT_ZOO_DIR
-
-    return str(DEFAULT_ZOO_DIR)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Either way, normalised accuracy and ξ keep referring to the ORIGINAL experts (d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -26,9 +27,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .cache import cache_root
-from .checkpoints import save_safetensors
+from .checkpoints import canonical_to_open_clip, save_safetensors
 from .errors import ConfigError
 from .methods.ri import RIConfig, RIResult, adapt_suite
+from .zoo.manifest import MANIFEST_NAME
 
 Progress = Callable[[float, str], None]
 RECORD_NAME = "ri.json"
@@ -36,8 +38,6 @@ RI_MANIFEST_KEY = "ri"  # what an adapted zoo's manifest records about its makin
 
 
 def _digest(suite, config: RIConfig) -> str:
-    import hashlib
-
     identity = {"config": dataclasses.asdict(config), "suite": suite.identity()}
     return hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -130,9 +130,6 @@ def check_out_dir(suite, out_dir: str | Path, overwrite: bool) -> Path:
 def write_adapted_zoo(zoo_suite, out_dir: Path, adapted: Mapping[str, Mapping[str, torch.Tensor]],
                       result: RIResult) -> Path:
     """A copy of the demo zoo at `out_dir` with the adapted experts and the RI record in its manifest."""
-    from .checkpoints import canonical_to_open_clip
-    from .zoo.manifest import MANIFEST_NAME
-
     zoo = zoo_suite.zoo
     root = Path(zoo.root)
     out_dir.mkdir(parents=True, exist_ok=True)

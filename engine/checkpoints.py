@@ -86,18 +86,19 @@ _RULES = (
     # open_clip's proj is [width, out_dim]; an nn.Linear weight is [out_dim, width].
     _Rule("proj", "visual_projection.weight", "transpose"),
 )
-_QKV = ("q", "k", "v")
+QKV = ("q", "k", "v")
 _FIELDS = {"i": r"\d+", "p": "weight|bias", "qkv": "q|k|v"}
 
 
-def _compile(template: str) -> re.Pattern[str]:
+def key_pattern(template: str) -> re.Pattern[str]:
+    """A regex for a key template: `{i}` a layer index, `{p}` weight|bias, `{qkv}` q|k|v (named groups)."""
     pattern = re.escape(template)
     for field, alternatives in _FIELDS.items():
         pattern = pattern.replace(re.escape("{" + field + "}"), f"(?P<{field}>{alternatives})")
     return re.compile(pattern)
 
 
-_COMPILED = tuple((rule, _compile(rule.open_clip), _compile(rule.canonical)) for rule in _RULES)
+_COMPILED = tuple((rule, key_pattern(rule.open_clip), key_pattern(rule.canonical)) for rule in _RULES)
 
 
 def _match_open_clip(name: str) -> tuple[_Rule, dict[str, str]] | None:
@@ -149,7 +150,7 @@ def _plan_open_clip(keys: Sequence[str], label: str) -> tuple[dict[str, _Entry],
             )
         rule, fields = match
         if rule.op == "qkv":
-            for part, which in enumerate(_QKV):
+            for part, which in enumerate(QKV):
                 plan[rule.canonical.format(qkv=which, **fields)] = _Entry(key, "qkv", part)
         else:
             plan[rule.canonical.format(**fields)] = _Entry(key, rule.op)
@@ -738,10 +739,10 @@ def canonical_to_open_clip(
         else:
             out[target] = tensor
     for target, parts in fused.items():
-        if set(parts) != set(_QKV):
+        if set(parts) != set(QKV):
             raise CheckpointError(
                 f"<state dict>: cannot rebuild '{target}': q, k and v projections must all be "
                 f"present (got {', '.join(sorted(parts))})"
             )
-        out[target] = torch.cat([parts[which] for which in _QKV], dim=0)
+        out[target] = torch.cat([parts[which] for which in QKV], dim=0)
     return out

@@ -38,7 +38,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,11 +52,13 @@ from torch import Tensor, nn
 from torchvision.transforms import Compose, ToTensor
 
 from engine.checkpoints import (
+    QKV,
     _first_line,
     _locate,
     _safe_open,
     _torch_load,
     canonical_to_open_clip,
+    key_pattern,
     open_clip_to_canonical,
 )
 from engine.errors import CheckpointError, ConfigError
@@ -100,19 +101,8 @@ _TEXT_RULES: tuple[tuple[str, str, str], ...] = (  # (open_clip, HF CLIPModel, o
     ("text_projection", "text_projection.weight", "transpose"),
     ("logit_scale", "logit_scale", "copy"),
 )
-_QKV = ("q", "k", "v")
-_FIELDS = {"i": r"\d+", "p": "weight|bias", "qkv": "q|k|v"}
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    pattern = re.escape(template)
-    for name, alternatives in _FIELDS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{alternatives})")
-    return re.compile(pattern)
-
-
 _TEXT_COMPILED = tuple(
-    (open_clip_name, hf_name, op, _compile(open_clip_name), _compile(hf_name))
+    (open_clip_name, hf_name, op, key_pattern(open_clip_name), key_pattern(hf_name))
     for open_clip_name, hf_name, op in _TEXT_RULES
 )
 _HF_VISION_PREFIX = "vision_model."
@@ -156,7 +146,7 @@ def hf_clip_to_open_clip(
                 f"vision_model.*, text_model.*, visual_projection, text_projection, logit_scale)"
             )
     for target, parts in fused.items():
-        if set(parts) != set(_QKV):
+        if set(parts) != set(QKV):
             raise CheckpointError(
                 f"{label}: cannot rebuild '{target}': q, k and v projections must all be present "
                 f"(got {', '.join(sorted(parts))})"
@@ -177,7 +167,7 @@ def hf_clip_to_open_clip(
 
 def _cat_qkv(parts: Mapping[str, Tensor], target: str, label: str) -> Tensor:
     try:
-        return torch.cat([parts[which] for which in _QKV], dim=0)
+        return torch.cat([parts[which] for which in QKV], dim=0)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{label}: q, k and v projections for '{target}' do not fit together "
@@ -211,7 +201,7 @@ def open_clip_to_hf_clip(
             if m := open_clip_re.fullmatch(key):
                 fields = m.groupdict()
                 if op == "qkv":
-                    for which, part in zip(_QKV, tensor.chunk(3, dim=0), strict=True):
+                    for which, part in zip(QKV, tensor.chunk(3, dim=0), strict=True):
                         out[hf_name.format(qkv=which, **fields)] = part.clone()
                 elif op == "transpose":
                     out[hf_name.format(**fields)] = tensor.t().contiguous()

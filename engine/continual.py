@@ -15,13 +15,14 @@ from __future__ import annotations
 import random
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .analysis.gates import gate_activations
 from .errors import ConfigError
 from .methods.registry import get_continual_method
 
@@ -197,8 +198,6 @@ def run_continual(source: ContinualSource, method, order: Sequence[str], *, seed
     acc, bwt, fwt = acc_bwt_fwt(matrix, finetuned)
     gates = None
     if gate_stats and isinstance(merged, nn.Module) and hasattr(merged, "gated"):
-        from .analysis.gates import gate_activations
-
         clock = time.perf_counter()
         gates = gate_activations(merged, {t: test_sets[t][0] for t in order}, gate_tasks=order).to_json()
         timings["gates_s"] = time.perf_counter() - clock

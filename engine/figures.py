@@ -12,12 +12,14 @@ Conventions
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 # One colour per role, shared by every figure so a student learns them once.
 COLORS = {
@@ -346,8 +348,6 @@ def magnitude_histogram(hist: Mapping[str, Any], *, task: str, k: float | None =
     `hist` is engine.analysis.magnitudes.magnitude_histogram's dict: edges (log10 |τ|), counts,
     threshold (|τ| value, not log) and kept_fraction.
     """
-    import math
-
     edges = [float(e) for e in hist["edges"]]
     counts = [float(c) for c in hist["counts"]]
     centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
@@ -516,8 +516,6 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]], *, paper_range
     share each panel. The y range fits the data (with 0 in view); `paper_range` uses the paper's fixed
     [−0.3, 1.3] instead (widened if the data leave it), which flattens the small gates of a tiny zoo.
     """
-    from plotly.subplots import make_subplots
-
     first = next(iter(runs.values()))
     gates, evals = list(first["gate_tasks"]), list(first["eval_tasks"])
     n_cols = min(4, max(1, len(gates)))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import ConfigError
 
@@ -152,8 +153,6 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return bytes(cell)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | str]:
-        from PIL import Image
-
         ref = self.refs[index]
         try:
             source = ref.path if ref.row is None else io.BytesIO(self._bytes(ref))

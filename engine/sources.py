@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError
+from .suite_file import load_suite_file
+from .zoo.manifest import load_zoo
+from .zoo.suite import ZooSuite
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 PRETRAINED_STEMS = ("pretrained", "zeroshot", "base", "theta0")
@@ -93,8 +96,6 @@ def suite_source(suite) -> Source:
 
 def zoo_source(zoo) -> Source:
     """The demo zoo (or any zoo with a manifest) as a Source."""
-    from .zoo.suite import ZooSuite
-
     return suite_source(zoo if isinstance(zoo, ZooSuite) else ZooSuite.of(zoo))
 
 
@@ -103,12 +104,7 @@ def load_task_suite(*, zoo: str | Path | None = None, suite: str | Path | None =
     if (zoo is None) == (suite is None):
         raise ConfigError("give either --zoo DIR or --suite FILE")
     if suite is not None:
-        from .suite_file import load_suite_file
-
         return load_suite_file(suite, limit=limit)
-    from .zoo.manifest import load_zoo
-    from .zoo.suite import ZooSuite
-
     if limit is None:
         return ZooSuite.load(zoo)
     loaded = ZooSuite(load_zoo(zoo))  # its own instance: the shared one keeps full test sets

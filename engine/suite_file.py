@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .builtin_tasks import find_builtin_task
 from .cache import cache_path, file_identity, write_atomically
-from .errors import CheckpointError, ConfigError, MergeExplorerError
+from .checkpoints import open_checkpoint
+from .errors import ConfigError, MergeExplorerError
 from .image_data import ImageListing, TestSplit, decode_images, list_images, stratified_subset
 from .tasks import TaskSuite
 
@@ -90,8 +93,6 @@ def _strings(value: Any, where: str) -> list[str]:
 
 
 def _task(path: Path, name: str, table: Mapping[str, Any], default_limit: int | None) -> SuiteTask:
-    from .builtin_tasks import find_builtin_task
-
     base = path.parent
     where = f"{path}: [tasks.{name}]"
     if not isinstance(table, Mapping):
@@ -239,8 +240,6 @@ class ClipSuite(TaskSuite):
         cached = cache_path("test-images", key, ".safetensors")
         labels = torch.as_tensor(spec.listing.labels[keep]).long()
         if cached.is_file():
-            from safetensors.torch import load_file
-
             try:
                 images = load_file(str(cached))["images"]
                 if images.shape[0] == len(keep):
@@ -250,8 +249,6 @@ class ClipSuite(TaskSuite):
         refs = [spec.listing.refs[i] for i in keep]
         images = decode_images(refs, eval_geometry(clip), label=f"{self.path}: [tasks.{task}] data",
                                progress=progress)
-        from safetensors.torch import save_file
-
         write_atomically(cached, lambda tmp: save_file({"images": images}, str(tmp)))
         return TestSplit(images, labels, clip.mean, clip.std)
 
@@ -265,8 +262,6 @@ class ClipSuite(TaskSuite):
                                               "limit": self.task_limit(task, limit)}, ".json")
 
     def _stored_expert_accuracy(self, task: str, limit: int | None) -> float | None:
-        import json
-
         path = self._accuracy_key(task, limit)
         try:
             return float(json.loads(path.read_text())["accuracy"])
@@ -274,8 +269,6 @@ class ClipSuite(TaskSuite):
             return None
 
     def _remember_expert_accuracy(self, task: str, limit: int | None, value: float) -> None:
-        import json
-
         path = self._accuracy_key(task, limit)
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps({"task": task, "accuracy": value})))
 
@@ -286,8 +279,6 @@ class ClipSuite(TaskSuite):
 
 def _check_experts(path: Path, pretrained: Path, experts: Mapping[str, Path]) -> None:
     """Every expert's tensors must exist in the pretrained model with the same shapes (headers only)."""
-    from .checkpoints import open_checkpoint
-
     try:
         base = open_checkpoint(pretrained)
     except MergeExplorerError as exc:

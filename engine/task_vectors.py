@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .checkpoints import open_checkpoint, validate_compatible
 from .errors import CheckpointError, ConfigError
 
 Progress = Callable[[float, str], None]
@@ -82,8 +83,6 @@ class TaskVectorStack:
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                    progress: Progress | None = None) -> "TaskVectorStack":
         """Read checkpoints tensor by tensor (memory-mapped) after validating them against each other."""
-        from .checkpoints import open_checkpoint, validate_compatible
-
         if not expert_paths:
             raise ConfigError("no expert checkpoints given: a merge needs at least one fine-tuned model")
         base = open_checkpoint(base_path)

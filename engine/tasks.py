@@ -17,6 +17,7 @@ methods and analyses never see where the checkpoints or images come from.
 """
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from torch import nn
 
 from .checkpoints import canonical_to_open_clip, open_checkpoint
 from .errors import CheckpointError, ConfigError
+from .evaluate import accuracy_only
 from .image_data import TestSplit
 
 StateDict = dict[str, torch.Tensor]
@@ -37,6 +39,26 @@ def read_canonical(path: str | Path) -> StateDict:
     """Every tensor of a checkpoint under canonical names (engine.checkpoints), read once."""
     reader = open_checkpoint(path)
     return {name: reader.tensor(name) for name in reader.keys()}
+
+
+def vision_tower(kwargs: Mapping[str, Any]) -> nn.Module:
+    """An open_clip VisionTransformer from its constructor kwargs (random weights, eval mode)."""
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(**dict(kwargs)).eval()
+
+
+def load_canonical(encoder: nn.Module, canonical: Mapping[str, torch.Tensor], label: str = "weights") -> None:
+    """Copy canonical weights into an open_clip vision tower in place (strict; dtypes follow the tower)."""
+    tensors = canonical_to_open_clip(dict(canonical))
+    own = encoder.state_dict()
+    try:
+        encoder.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()}, strict=True)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"{label}: does not fit the model architecture ({detail}); use checkpoints "
+                              "fine-tuned from this suite's pretrained model") from None
 
 
 class TaskSuite:
@@ -140,8 +162,6 @@ class TaskSuite:
 
     @property
     def cache_key(self) -> tuple:
-        import json
-
         return (self.kind, json.dumps(self.identity(), sort_keys=True, default=str))
 
     # ---- heads ------------------------------------------------------------------------------
@@ -225,17 +245,8 @@ class TaskSuite:
                           f"({', '.join(self.tasks)}) or a checkpoint file")
 
     def load_weights(self, encoder: nn.Module, canonical: Mapping[str, torch.Tensor], label: str = "weights") -> None:
-        """Copy a canonical state dict into an encoder built by `new_encoder` (strict)."""
-        tensors = canonical_to_open_clip(self.complete(canonical))
-        own = encoder.state_dict()
-        try:
-            encoder.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in tensors.items()},
-                                    strict=True)
-        except RuntimeError as exc:
-            lines = str(exc).strip().splitlines()
-            detail = lines[1].strip() if len(lines) > 1 else lines[0]
-            raise CheckpointError(f"{label}: does not fit {self.label}'s model architecture ({detail}); "
-                                  "evaluate checkpoints fine-tuned from this suite's pretrained model") from None
+        """Copy a canonical state dict (completed from θ_0) into an encoder built by `new_encoder` (strict)."""
+        load_canonical(encoder, self.complete(canonical), label)
 
     def build_encoder(self, canonical: Mapping[str, torch.Tensor]) -> nn.Module:
         """A fresh encoder holding `canonical`, eval mode, no gradients."""
@@ -269,6 +280,4 @@ class TaskSuite:
         return stored
 
     def _measure_expert_accuracy(self, task: str, limit: int | None, device) -> float | None:
-        from .evaluate import accuracy_only
-
         return accuracy_only(self, task, [task], device=device, limit=limit)[task]

@@ -228,6 +228,15 @@ def test_truncated_checkpoint(files, tmp_path):
     assert_clean_failure(result, "broken.safetensors")
 
 
+def test_a_pickled_module_is_refused_in_one_line_without_library_warnings(files, tmp_path):
+    base_path, expert_paths = files
+    pickled = tmp_path / "finetuned.pt"
+    torch.save(torch.nn.Linear(4, 4), pickled)  # a whole module, as task_vectors saves its experts
+    result = engine_cli("merge", "--method", "average", "--base", str(base_path), "--experts", str(pickled))
+    assert_clean_failure(result, "finetuned.pt", "pickled", "unsafe")
+    assert "Warning" not in result.stderr and not result.stdout
+
+
 def test_mismatched_checkpoint(files, tmp_path):
     base_path, expert_paths = files
     tensors = load_file(str(expert_paths[0]))

@@ -134,7 +134,7 @@ def shot(page, name: str) -> Path:
 
 
 def go(page, nav_title: str) -> None:
-    page.locator('[data-testid="stSidebarNav"] a', has_text=nav_title).first.click()
+    page.locator('[data-testid="stTopNavLink"]', has_text=nav_title).first.click()
     settle(page)
 
 
@@ -344,8 +344,9 @@ def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser
         page.add_init_script("""
             window.__navSeen = new Set();
             new MutationObserver(() => {
-              document.querySelectorAll('[data-testid="stSidebarNav"] a, [data-testid="stSidebarNavLink"]')
-                .forEach(a => window.__navSeen.add(a.textContent.trim()));
+              document.querySelectorAll('[data-testid="stSidebarNav"] a, [data-testid="stSidebarNavLink"], '
+                                        + '[data-testid="stTopNavLink"]')
+                .forEach(a => window.__navSeen.add(a.textContent.replace(/^[a-z_0-9]+(?=[A-Z])/, '').trim()));
             }).observe(document, {subtree: true, childList: true, characterData: true});
         """)
         wait_until_healthy(proc, url, "e2e-fresh.log")

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .. import kernels
 from ..errors import ConfigError

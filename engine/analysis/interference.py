@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..evaluate import as_suite, predict_logits
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, temperature: float = 1.0,
@@ -104,8 +105,6 @@ def _test_images(suite, task: str, limit: int | None) -> torch.Tensor:
 
 def expert_test_logits(suite, task: str, *, limit: int | None = None, device: str = "cpu") -> torch.Tensor:
     """Expert `task`'s logits on task `task`'s test images under its own head (cached per expert file)."""
-    from ..evaluate import predict_logits
-
     key = (_file_key(suite.expert_path(task)), suite.cache_key, task, suite.resolve_limit(limit), str(device))
     if key not in _EXPERT_LOGITS:
         images = _test_images(suite, task, limit)
@@ -121,8 +120,6 @@ def measure_interference(suite, merged: Mapping[str, torch.Tensor], tasks: Seque
     The teachers are `reference_suite(suite, reference)`'s experts: for RI-adapted experts, by default
     the ORIGINAL ones (the adapted experts are a means; what one wanted to merge are the originals).
     """
-    from ..evaluate import as_suite, predict_logits
-
     suite = as_suite(suite)
     teachers = reference_suite(suite, reference)
     tasks = list(tasks) if tasks else suite.task_names()

@@ -30,16 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{module_name}")
-        except ModuleNotFoundError as exc:  # a command whose issue has not landed yet
-            if exc.name == f"{__name__}.{module_name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"{__name__}.{module_name}").register(subparsers)
     return parser
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,10 @@ import argparse
 import dataclasses
 import time
 
+from ..continual import make_method, run_continual, summarize, task_order
+from ..device import resolve_device
 from ..errors import ConfigError
+from ..methods import continual_methods, get_continual_method
 from .common import print_json
 from .method_args import add_config_arguments, given_values
 from .sources_args import add_suite_arguments, suite_from_args
@@ -21,8 +24,6 @@ RUN_FIELDS = {"seed", "seeds_per_class", "eval_batch_size"}
 
 
 def register(subparsers) -> None:
-    from ..methods import continual_methods
-
     parser = subparsers.add_parser(
         "continual", help="test-time continual merging (MINGLE and continual baselines), accuracy matrix and BWT",
         description="Merge a suite's experts one at a time in a paper order (random.seed(s); random.shuffle), "
@@ -56,9 +57,6 @@ def _method_values(args, config_cls) -> dict:
 
 
 def _method_factory(args, suite):
-    from ..continual import make_method
-    from ..methods import get_continual_method
-
     spec = get_continual_method(args.method)
     config = spec.continual_config(**_method_values(args, spec.continual_config_cls))  # fails before any work
     return spec, lambda: make_method(args.method, config, suite.build_encoder, device=args.device)
@@ -67,13 +65,9 @@ def _method_factory(args, suite):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..continual import run_continual, summarize, task_order
-
     if args.threads < 1:
         raise ConfigError("--threads must be at least 1")
     torch.set_num_threads(args.threads)
-    from ..device import resolve_device
-
     args.device = resolve_device(args.device)
     source = suite_from_args(args)
     if args.tasks:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..evaluate import evaluate_model
 from .common import print_json
 from .sources_args import add_suite_arguments, suite_from_args
 
@@ -25,8 +26,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate_model
-
     suite = suite_from_args(args, default_zoo=True)
     report = evaluate_model(suite, args.model, tasks=args.tasks, device=args.device, limit=args.limit)
     if args.json:

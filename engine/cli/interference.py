@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..analysis.interference import measure_interference, reference_suite
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..methods import config_dict
@@ -31,8 +32,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.interference import measure_interference, reference_suite
-
     method, config = method_and_config(args)
     source = source_from_args(args)
     if not source.can_evaluate:

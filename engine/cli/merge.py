@@ -6,6 +6,8 @@ import time
 
 from ..device import resolve_device, resolve_dtype
 from ..errors import ConfigError
+from ..evaluate import evaluate
+from ..merged import provenance, write_merged
 from ..methods import config_dict
 from ..task_vectors import TaskVectorStack
 from .common import add_device_arguments, print_json
@@ -54,8 +56,6 @@ def run(args: argparse.Namespace) -> int:
 
     save_s = None
     if args.out:
-        from ..merged import provenance, write_merged
-
         start = time.perf_counter()
         write_merged(args.out, merged, provenance(stack, method, config))
         save_s = time.perf_counter() - start
@@ -72,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
         "out": args.out,
     }
     if args.evaluate:
-        from ..evaluate import evaluate
-
         start = time.perf_counter()
         result["accuracy"] = evaluate(source.suite, merged, tasks=source.tasks, device=args.device,
                                       limit=args.limit).to_json()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Iterable
 
+from ..methods import get_merge_method, merge_methods
 from ..methods.base import MethodSpec
 
 
@@ -61,15 +62,11 @@ def given_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     """--method and hyperparameters of every one-shot merge method."""
-    from ..methods import merge_methods
-
     add_config_arguments(parser, merge_methods(), lambda m: m.Config,
                          title="hyperparameters (defaults are each method's own)")
 
 
 def method_and_config(args: argparse.Namespace):
     """The chosen merge method and its validated config, from the flags the user actually gave."""
-    from ..methods import get_merge_method
-
     method = get_merge_method(args.method)
     return method, method.config(**given_values(args))

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..adapted import check_out_dir, write_adapted_suite_file, write_adapted_zoo
+from ..device import resolve_device
 from ..methods.base import validate_config
-from ..methods.ri import RIConfig
+from ..methods.ri import RIConfig, adapt_suite, xi_before_after
+from ..suite_file import load_suite_file
+from ..zoo.suite import ZooSuite
 from .common import print_json
 from .method_args import add_field_argument
 from .sources_args import add_suite_arguments, suite_from_args
@@ -33,10 +37,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapted import check_out_dir, write_adapted_suite_file, write_adapted_zoo
-    from ..device import resolve_device
-    from ..methods.ri import adapt_suite, xi_before_after
-
     config = RIConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RIConfig)})
     validate_config(config)  # before any file is read
     device = resolve_device(args.device)
@@ -44,13 +44,9 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_dir(suite, args.out, args.overwrite)
     adapted, result = adapt_suite(suite, config, device=device)
     if suite.kind == "zoo":
-        from ..zoo.suite import ZooSuite
-
         adapted_suite = ZooSuite.load(write_adapted_zoo(suite, out, adapted, result))
         result.out = str(out)
     else:
-        from ..suite_file import load_suite_file
-
         result.out = str(write_adapted_suite_file(suite, out, adapted, result))
         adapted_suite = load_suite_file(result.out, limit=args.limit)
     if args.xi:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from ..sources import Source, load_task_suite, resolve_source
+from ..zoo.manifest import default_zoo_dir
 
 LIMIT_HELP = ("test images per task (seeded, class-stratified); overrides the suite file's limits; "
               "0 = full test sets (default: the suite's own setting; the demo zoo uses all)")
@@ -20,9 +22,6 @@ def add_suite_arguments(parser: argparse.ArgumentParser, *, zoo_default_text: st
 
 def suite_from_args(args: argparse.Namespace, *, default_zoo: bool = False):
     """The TaskSuite named by --zoo/--suite (or the default demo zoo when neither is given and allowed)."""
-    from ..errors import ConfigError
-    from ..zoo.manifest import default_zoo_dir
-
     zoo, suite = args.zoo, args.suite
     if zoo is None and suite is None:
         if not default_zoo:

@@ -5,6 +5,8 @@ import argparse
 import sys
 import time
 
+from ..zoo.build import build_zoo, format_table, up_to_date
+from ..zoo.manifest import default_zoo_dir, load_zoo
 from .common import print_json
 
 
@@ -40,8 +42,6 @@ def _summary(zoo) -> dict:
 
 
 def _print_text(zoo) -> None:
-    from ..zoo.build import format_table
-
     print(f"demo zoo at {zoo.root} (recipe {zoo.recipe_version}, seed {zoo.seed}{', quick' if zoo.quick else ''})")
     for t in zoo.tasks:
         print(f"  {t.name:<9} {len(t.classes):>2} classes  {t.description}")
@@ -64,9 +64,6 @@ def _print_text(zoo) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..zoo.build import build_zoo, up_to_date
-    from ..zoo.manifest import default_zoo_dir, load_zoo
-
     if args.zoo_command is None:
         args.zoo_parser.print_help()
         return 2

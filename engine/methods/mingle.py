@@ -23,6 +23,7 @@ metrics) is in engine/continual.py.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..tasks import load_canonical, vision_tower
 from .base import MethodSpec, param, validate_config
 from .registry import register
 
@@ -556,8 +558,6 @@ class Mingle:
         `teacher(images) -> logits` defaults to θ_t's own encoder with the same head. The teacher is
         deterministic, so its logits on the seed set are computed once, not per batch.
         """
-        import time
-
         seconds: dict[str, float] = {}
         seed_images = seed_images.to(self.device)
         clock = time.perf_counter()
@@ -598,13 +598,8 @@ def encoder_factory(encoder: "EncoderFactory | Mapping") -> EncoderFactory:
 
 def build_encoder(model_config: Mapping, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A plain open_clip VisionTransformer (from its kwargs) holding a canonical state dict, in eval mode."""
-    from open_clip.transformer import VisionTransformer
-
-    from ..checkpoints import canonical_to_open_clip
-
-    visual = VisionTransformer(**dict(model_config))
-    visual.load_state_dict(canonical_to_open_clip(dict(state)))
-    visual.eval()
+    visual = vision_tower(model_config)
+    load_canonical(visual, state)
     for p in visual.parameters():
         p.requires_grad_(False)
     return visual

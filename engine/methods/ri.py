@@ -42,12 +42,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..analysis.interference import kl_divergence
+from ..analysis.interference import kl_divergence, measure_interference
 from ..aux_data import aux_images
-from ..checkpoints import canonical_to_open_clip, open_clip_to_canonical
+from ..checkpoints import open_clip_to_canonical
 from ..errors import ConfigError
+from ..evaluate import accuracy_only
+from ..task_vectors import TaskVectorStack
+from ..tasks import load_canonical
 from .base import MethodSpec, param, validate_config
-from .registry import register
+from .registry import get_method, register
 
 Progress = Callable[[float, str], None]
 
@@ -128,12 +131,6 @@ class HeadedTower:
         """Copy canonical weights (checkpoints.py naming) into the encoder, in place."""
         load_canonical(self.encoder, canonical)
         return self
-
-
-def load_canonical(encoder: torch.nn.Module, canonical: Mapping[str, torch.Tensor]) -> None:
-    state = canonical_to_open_clip(canonical)
-    own = encoder.state_dict()
-    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
 def encoder_to_canonical(encoder: torch.nn.Module, like: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -368,8 +365,6 @@ def adapt_suite(suite, config: RIConfig | None = None, *, device: str | torch.de
     result = RIResult(suite=suite.label, tasks=tasks, config=dataclasses.asdict(config), experts=stats,
                       timings=timings)
     if measure_accuracy:
-        from ..evaluate import accuracy_only
-
         start = time.perf_counter()
         report(0.95, "measuring the adapted experts' own accuracy")
         result.adapted_accuracies = {t: accuracy_only(suite, adapted[t], [t])[t] for t in tasks}
@@ -382,10 +377,6 @@ def adapt_suite(suite, config: RIConfig | None = None, *, device: str | torch.de
 def xi_before_after(suite, adapted_suite, method: str = "task-arithmetic", *,
                     limit: int | None = None) -> dict[str, Any]:
     """ξ (against the ORIGINAL experts) of `method` at its defaults, merging the original vs the adapted experts."""
-    from ..analysis.interference import measure_interference
-    from ..task_vectors import TaskVectorStack
-    from . import get_method
-
     m = get_method(method)
     cfg = m.Config()
     out = {"method": method, "hyperparameters": dataclasses.asdict(cfg)}

@@ -4,6 +4,6 @@
 `load_zoo()` reads it.
 See tasks.py for the data, build.py for the recipe and manifest.py for the on-disk layout.
 """
-from .manifest import DEFAULT_ZOO_DIR, MANIFEST_NAME, Zoo, ZooTask, default_zoo_dir, load_zoo
+from .manifest import MANIFEST_NAME, Zoo, ZooTask, default_zoo_dir, load_zoo
 
-__all__ = ["DEFAULT_ZOO_DIR", "MANIFEST_NAME", "Zoo", "ZooTask", "default_zoo_dir", "load_zoo"]
+__all__ = ["MANIFEST_NAME", "Zoo", "ZooTask", "default_zoo_dir", "load_zoo"]

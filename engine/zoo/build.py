@@ -46,10 +46,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints import save_safetensors
 from ..errors import MergeExplorerError
+from ..evaluate import CLIP_MEAN, CLIP_STD, evaluate
+from ..methods import get_method
+from ..task_vectors import TaskVectorStack
+from ..tasks import vision_tower
 from . import tasks as task_defs
-from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, Zoo, ZooTask, default_zoo_dir, load_zoo,
-                       read_manifest, zoo_from_manifest)
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Zoo,
+    ZooTask,
+    default_zoo_dir,
+    load_zoo,
+    read_manifest,
+    zoo_from_manifest,
+)
+from .suite import ZooSuite
 
 # Bump whenever anything that changes the zoo's contents changes (renderers, recipe, code paths):
 # `zoo build` rebuilds a zoo whose manifest records another version.
@@ -140,8 +155,6 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
-    from ..evaluate import CLIP_MEAN, CLIP_STD
-
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
@@ -173,10 +186,8 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 
 def _new_model(seed: int) -> torch.nn.Module:
-    from open_clip.transformer import VisionTransformer
-
     torch.manual_seed(seed)  # open_clip initialises from the global generator
-    return VisionTransformer(**MODEL_KWARGS)
+    return vision_tower(MODEL_KWARGS).train()
 
 
 def _pca_patch_init(model: torch.nn.Module, pool: torch.Tensor, g: torch.Generator, n_images: int = 2048) -> None:
@@ -214,15 +225,11 @@ def _open_clip_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_model(path: Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
-    from ..checkpoints import save_safetensors
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, _open_clip_state(model), metadata)
 
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
-    from ..checkpoints import save_safetensors
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, metadata)
 
@@ -435,7 +442,7 @@ def up_to_date(root: str | Path, quick: bool = False, seed: int = DEFAULT_SEED) 
 
 def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Progress | None = None,
               force: bool = False, seed: int = DEFAULT_SEED, workers: int | None = None) -> Zoo:
-    """Build the demo zoo at `root` (default: `DEFAULT_ZOO_DIR`) and return it.
+    """Build the demo zoo at `root` (default: `default_zoo_dir()`) and return it.
 
     A no-op returning the existing zoo when one built by this recipe version, seed and size is
     there (unless `force`). `progress(fraction, message)` is called as the build goes. `workers`
@@ -509,8 +516,6 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
 def _manifest(root: Path, recipe: Recipe, seed: int, quick: bool, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import open_clip
 
-    from ..evaluate import CLIP_MEAN, CLIP_STD
-
     tasks = []
     for name in recipe.tasks:
         spec = task_defs.get_task(name)
@@ -546,11 +551,6 @@ def _manifest(root: Path, recipe: Recipe, seed: int, quick: bool, results: dict[
 
 def _measure(zoo: Zoo, recipe: Recipe) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """{row: {task: pct}} for pretrained / finetuned / the merges, and every expert on every task."""
-    from ..evaluate import evaluate
-    from ..methods import get_method
-    from ..task_vectors import TaskVectorStack
-    from .suite import ZooSuite
-
     names = zoo.task_names()
     suite = ZooSuite(zoo)  # a private suite: the build changes the manifest's accuracies as it measures
     table: dict[str, dict[str, float]] = {}

@@ -20,9 +20,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from ..errors import MergeExplorerError
 
@@ -38,8 +39,6 @@ def default_zoo_dir() -> Path:
     env = os.environ.get(ZOO_ENV)
     return Path(env).expanduser() if env else REPO_ROOT / ".zoo" / "demo"
 
-
-DEFAULT_ZOO_DIR: Path = default_zoo_dir()
 
 
 @dataclass
@@ -141,15 +140,11 @@ class Zoo:
 
     def test_split(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """The raw test split: (uint8 [N, H, W, 3], int64 labels [N])."""
-        from safetensors.numpy import load_file
-
         data = load_file(str(self.test_path(task)))
         return data["images"], data["labels"]
 
     def pool_images(self) -> np.ndarray:
         """The unlabeled pretraining-pool images, uint8 [N, H, W, 3]."""
-        from safetensors.numpy import load_file
-
         return load_file(str(self.pool_path))["images"]
 
 
@@ -197,7 +192,7 @@ def zoo_from_manifest(root: Path, data: dict[str, Any]) -> Zoo:
 
 
 def load_zoo(root: str | Path | None = None) -> Zoo:
-    """Read the zoo at `root` (default `DEFAULT_ZOO_DIR`), checking that every file it names exists."""
+    """Read the zoo at `root` (default `default_zoo_dir()`), checking that every file it names exists."""
     root = Path(root).expanduser() if root is not None else default_zoo_dir()
     zoo = zoo_from_manifest(root, read_manifest(root))
     files = [zoo.pretrained_path, zoo.heads_path, zoo.pool_path]

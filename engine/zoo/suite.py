@@ -11,10 +11,12 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import MergeExplorerError
 from ..image_data import TestSplit, stratified_subset
-from ..tasks import TaskSuite
+from ..tasks import TaskSuite, vision_tower
 from .manifest import Zoo, load_zoo
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,8 +26,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def preprocess_images(model_config: Mapping[str, Any], images) -> torch.Tensor:
     """uint8 [N, H, W, 3] (numpy or torch) -> float [N, 3, H, W], CLIP-normalised with the manifest's
     constants. Float input is taken as already preprocessed and returned as is."""
-    from ..errors import MergeExplorerError
-
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.is_floating_point():
         return x
@@ -90,17 +90,13 @@ class ZooSuite(TaskSuite):
         return self.zoo.image_size
 
     def new_encoder(self) -> nn.Module:
-        from open_clip.transformer import VisionTransformer
-
-        return VisionTransformer(**dict(self.zoo.model_config["kwargs"])).eval()
+        return vision_tower(self.zoo.model_config["kwargs"])
 
     def identity(self) -> Any:
         return {"zoo": list(self.zoo.cache_key), "tasks": self.tasks,
                 "experts": {t: str(p) for t, p in self._experts.items()}}
 
     def _read_heads(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         return {name: tensor.float() for name, tensor in load_file(str(self.zoo.heads_path)).items()}
 
     def _read_split(self, task: str, limit: int | None, progress) -> TestSplit:

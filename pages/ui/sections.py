@@ -22,10 +22,17 @@ def show_figure(fig: Any, key: str, explanation: str) -> None:
     what_am_i_looking_at(explanation)
 
 
-def budget_caption(act: Active) -> None:
-    """Which image budget the numbers on this page were measured with (suites with a limit only)."""
-    if act.suite is not None and act.kind != "zoo":
-        st.caption(f"Accuracies measured on {act.budget_text()} of {act.label} (sidebar: Images per task).")
+def budget_caption(act: Active, n_images: dict[str, int] | None = None) -> None:
+    """Which image budget the numbers on this page were measured with (suites only; the demo zoo always
+    uses its full test sets). `n_images` (task -> images used) says how many each task actually had."""
+    if act.suite is None or act.kind == "zoo":
+        return
+    used = ""
+    if n_images:
+        counts = sorted(set(n_images.values()))
+        used = (f"{counts[0]} test images per task" if len(counts) == 1 else
+                f"{min(counts)}–{max(counts)} test images per task") + ", "
+    st.caption(f"Accuracies measured on {used}{act.budget_text()} of {act.label} (sidebar: Images per task).")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,40 +11,26 @@ showing the previous source, under a banner that names it, or nothing when there
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import streamlit as st
 
 from engine.errors import MergeExplorerError
-from engine.sources import Source
+from engine.sources import Source, suite_source
 from engine.task_vectors import TaskVectorStack
 from engine.tasks import TaskSuite
+from engine.zoo.manifest import MANIFEST_NAME, default_zoo_dir
 
 from .state import DEFAULT_LIMIT, bind, settings
 
-ZOO_ENV = "MERGE_EXPLORER_ZOO"
 KINDS = {"zoo": "Demo zoo", "suite": "Suite file", "folder": "Checkpoint folder"}
 ACTIVE = "active"
 PROBLEM = "source_problem"
 
 
-def default_zoo_dir() -> Path:
-    """$MERGE_EXPLORER_ZOO when set (read at every call, not at import), else the demo zoo's place."""
-    env = os.environ.get(ZOO_ENV)
-    if env:
-        return Path(env).expanduser()
-    from engine.zoo.manifest import DEFAULT_ZOO_DIR
-
-    return Path(DEFAULT_ZOO_DIR)
-
-
 def zoo_is_built(root: Path) -> bool:
-    from engine.zoo.manifest import MANIFEST_NAME
-
     return (Path(root) / MANIFEST_NAME).is_file()
 
 
@@ -92,8 +78,8 @@ class Active:
         if self.suite is None:
             return ""
         if self.limit is None:
-            return "full test sets"
-        return f"{self.limit} test images per task (seeded, class-stratified subset)"
+            return "the full test sets"
+        return f"at most {self.limit} per task (a seeded subset that keeps each class's share)"
 
 
 @st.cache_resource(show_spinner="Loading the demo zoo…", max_entries=4)
@@ -130,13 +116,11 @@ def _subset(source_key: str, tasks: tuple[str, ...], _stack: TaskVectorStack) ->
 
 def load_active(kind: str, path: str, limit: int | None = None) -> Active:
     """Load (cached) the source `kind` at `path`; MergeExplorerError with one line if it cannot be used."""
-    from engine.sources import suite_source
-
     if kind == "zoo":
         root = Path(path)
         if not zoo_is_built(root):
             raise MergeExplorerError(f"the demo zoo at {root} is not built yet")
-        fp = _fingerprint([str(root / "zoo.json")])
+        fp = _fingerprint([str(root / MANIFEST_NAME)])
         suite = _load_zoo_suite(str(root), fp)
         source, label, limit = suite_source(suite), "the demo zoo", None
     elif kind == "suite":

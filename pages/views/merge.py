@@ -111,7 +111,7 @@ with results:
                   help="Mean of (merged accuracy / expert accuracy) per task: 100 % = no loss from merging.")
         m3.metric("Experts' average", f"{expert_avg:.1f} %",
                   help="What the individual fine-tuned models reach, each on its own task (the ceiling).")
-        sections.budget_caption(act)
+        sections.budget_caption(act, report.get("n_images"))
 
         fig = figures.accuracy_bars(shown_tasks, report["per_task"], individual, pretrained,
                                     normalized=normalized, merged_label=f"merged ({shown_label})")
