@@ -6,7 +6,9 @@ else. The demo zoo's location is MERGE_EXPLORER_ZOO when set, else engine.zoo's 
 """
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 
 # Before torch loads: OpenMP threads that spin-wait at every barrier make a 2-thread forward pass
 # ~20x slower (2.6 s instead of 0.13 s per evaluation on the quick zoo) whenever another process
@@ -19,7 +21,18 @@ import streamlit as st  # noqa: E402
 from engine.device import resolve_device  # noqa: E402
 from pages.ui import sources, state  # noqa: E402
 
-st.set_page_config(page_title="Merge Explorer", page_icon=":material/merge:", layout="wide")
+# The icon is a file of ours: a material-icon name would be fetched from a public font host, which a
+# classroom without internet cannot reach (and no page should depend on).
+st.set_page_config(page_title="Merge Explorer", page_icon=str(Path(__file__).parent / "assets" / "icon.png"),
+                   layout="wide")
+
+# The shared work queue logs one line per job it runs (engine.jobs): what a server's operator reads.
+_jobs_log = logging.getLogger("engine.jobs")
+if not _jobs_log.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    _jobs_log.addHandler(_handler)
+    _jobs_log.setLevel(logging.INFO)
 
 PAGES = [
     st.Page("pages/views/models.py", title="Models", icon=":material/inventory_2:", default=True),

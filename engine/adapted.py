@@ -21,12 +21,13 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from .cache import cache_root
+from .cache import cache_root, enforce_cap, pin, touch, unpin
 from .checkpoints import canonical_to_open_clip, save_safetensors
 from .errors import ConfigError
 from .methods.ri import RIConfig, RIResult, adapt_suite
@@ -55,6 +56,10 @@ def _adapted_suite(suite, folder: Path, record: Mapping[str, Any]):
     label = f"{suite.label}, RI-adapted experts (α {record['config']['alpha']}, {record['config']['steps']} steps)"
     adapted = suite.with_experts({t: _expert_file(folder, t) for t in suite.task_names()}, label)
     adapted.ri_record = dict(record)
+    # In use while this suite object lives: the cache's size cap never evicts it meanwhile.
+    touch(folder)
+    pin(folder)
+    weakref.finalize(adapted, unpin, folder)
     return adapted
 
 
@@ -97,7 +102,9 @@ def ensure_adapted(suite, config: RIConfig | None = None, *, device: str | torch
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return cached_adapted(suite, config)
+    found = cached_adapted(suite, config)  # pinned from here on
+    enforce_cap(keep=[folder])
+    return found
 
 
 def ri_record(suite) -> dict[str, Any] | None:

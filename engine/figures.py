@@ -78,11 +78,14 @@ def accuracy_bars(
     *,
     normalized: bool = False,
     merged_label: str = "merged",
+    settings: str | None = None,
 ) -> go.Figure:
     """Per-task accuracy (%): merged model next to each task's own expert and the pretrained model.
 
     With `normalized=True` every bar is divided by the expert's accuracy on that task (the
     "normalised accuracy" of the merging literature), so 100 % means "as good as the expert".
+    `settings` (e.g. "TIES-Merging, k = 20, λ = 1") goes into the title, so a screenshot or a
+    projected chart says which merge it shows.
     """
     tasks = list(tasks)
     if normalized and not individual:
@@ -115,9 +118,13 @@ def accuracy_bars(
     if normalized:
         fig.add_hline(y=100.0, line_dash="dot", line_color=COLORS["individual"],
                       annotation_text="expert = 100 %", annotation_position="top left")
-        y_title, title = "accuracy / expert accuracy (%)", "Per-task accuracy, normalised by each task's expert"
+        y_title = "accuracy / expert accuracy (%)"
+        title = (f"{settings}: per-task accuracy normalised by each task's expert" if settings
+                 else "Per-task accuracy, normalised by each task's expert")
     else:
-        y_title, title = "top-1 accuracy (%)", "Per-task accuracy: merged vs individual experts vs pretrained"
+        y_title = "top-1 accuracy (%)"
+        title = (f"{settings}: per-task accuracy" if settings
+                 else "Per-task accuracy: merged vs individual experts vs pretrained")
     top = max([v for tr in fig.data for v in tr.y if v is not None] + [100.0])
     return _finish(fig, title, "task", y_title, barmode="group", legend="bottom", yaxis_range=[0, top * 1.12])
 
@@ -377,6 +384,13 @@ def magnitude_histogram(hist: Mapping[str, Any], *, task: str, k: float | None =
 
 PARAM_AXIS = {"lam": "λ: scale of the merged task vector", "k": "k: share of each task vector kept (%)"}
 PARAM_SYMBOLS = {"lam": "λ", "k": "k"}
+
+
+def settings_text(method_label: str, config: Mapping[str, Any]) -> str:
+    """"TIES-Merging, k = 20, λ = 1": a method and its numeric settings, for titles."""
+    numbers = [f"{PARAM_SYMBOLS.get(name, name)} = {value:g}" for name, value in config.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return ", ".join([method_label, *numbers])
 
 
 def sweep_lines(results: Sequence[Any], *, metric: str = "average", normalized: bool = False,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .access import Roots, check_allowed
 from .errors import ConfigError
 from .suite_file import load_suite_file
 from .zoo.manifest import load_zoo
@@ -66,11 +67,13 @@ def explicit_source(base: str | Path, experts: Sequence[str | Path], tasks: Sequ
     return Source(base_path, expert_paths, names, label=str(base_path.parent))
 
 
-def discover_folder(folder: str | Path) -> Source:
+def discover_folder(folder: str | Path, roots: Roots = None) -> Source:
     """A folder holding one pretrained checkpoint (pretrained/zeroshot/base.*) and expert checkpoints.
 
-    HF-style sub-folders (config.json + model.safetensors) count as checkpoints too.
+    HF-style sub-folders (config.json + model.safetensors) count as checkpoints too. With `roots`,
+    the folder and every checkpoint in it must lie under one of them (engine.access).
     """
+    check_allowed(folder, roots, "folder")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root}: not a folder; give a folder with a pretrained checkpoint and expert checkpoints")
@@ -86,6 +89,8 @@ def discover_folder(folder: str | Path) -> Source:
     experts = [p for p in candidates if p != base[0]]
     if not experts:
         raise ConfigError(f"{root}: no expert checkpoints next to {base[0].name}")
+    for checkpoint in [base[0], *experts]:  # a symlink inside the folder may point anywhere
+        check_allowed(checkpoint, roots, "checkpoint")
     return Source(base[0], experts, [_task_name(p) for p in experts], label=str(root))
 
 
@@ -99,12 +104,13 @@ def zoo_source(zoo) -> Source:
     return suite_source(zoo if isinstance(zoo, ZooSuite) else ZooSuite.of(zoo))
 
 
-def load_task_suite(*, zoo: str | Path | None = None, suite: str | Path | None = None, limit: int | None = None):
-    """The TaskSuite of --zoo DIR or --suite FILE (exactly one)."""
+def load_task_suite(*, zoo: str | Path | None = None, suite: str | Path | None = None, limit: int | None = None,
+                    roots: Roots = None):
+    """The TaskSuite of --zoo DIR or --suite FILE (exactly one); `roots` restricts what a suite may name."""
     if (zoo is None) == (suite is None):
         raise ConfigError("give either --zoo DIR or --suite FILE")
     if suite is not None:
-        return load_suite_file(suite, limit=limit)
+        return load_suite_file(suite, limit=limit, roots=roots)
     if limit is None:
         return ZooSuite.load(zoo)
     loaded = ZooSuite(load_zoo(zoo))  # its own instance: the shared one keeps full test sets
@@ -114,14 +120,14 @@ def load_task_suite(*, zoo: str | Path | None = None, suite: str | Path | None =
 
 def resolve_source(*, zoo: str | Path | None = None, suite: str | Path | None = None,
                    base: str | Path | None = None, experts: Sequence[str | Path] | None = None,
-                   limit: int | None = None) -> Source:
+                   limit: int | None = None, roots: Roots = None) -> Source:
     """One of --zoo DIR, --suite FILE, or --base FILE --experts FILE..."""
     given = [name for name, value in (("--zoo", zoo), ("--suite", suite), ("--base/--experts", base or experts))
              if value]
     if len(given) > 1:
         raise ConfigError(f"give one of --zoo DIR, --suite FILE or --base FILE --experts FILE ..., not {' and '.join(given)}")
     if zoo is not None or suite is not None:
-        return suite_source(load_task_suite(zoo=zoo, suite=suite, limit=limit))
+        return suite_source(load_task_suite(zoo=zoo, suite=suite, limit=limit, roots=roots))
     if base is None or not experts:
         raise ConfigError("give --zoo DIR, --suite FILE, or --base FILE together with --experts FILE [FILE ...]")
     return explicit_source(base, experts)

@@ -34,8 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .access import Roots, check_allowed
 from .builtin_tasks import find_builtin_task
-from .cache import cache_path, file_identity, write_atomically
+from .cache import cache_path, file_identity, touch, write_atomically
 from .checkpoints import open_checkpoint
 from .errors import ConfigError, MergeExplorerError
 from .image_data import ImageListing, TestSplit, decode_images, list_images, stratified_subset
@@ -61,10 +62,15 @@ def _where(path: Path, key: str) -> str:
     return f"{path}: {key}"
 
 
-def _resolve(base: Path, value: Any, where: str, *, kind: str) -> Path:
+def _resolve(base: Path, value: Any, where: str, *, kind: str, roots: Roots = None) -> Path:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a path (a string), got {value!r}")
     path = (base / value).expanduser()
+    if roots is not None:
+        try:
+            check_allowed(path, roots, "file")
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if kind == "file" and not path.exists():
         raise ConfigError(f"{where}: no such file or folder '{value}' (looked at {path})")
     if kind == "dir" and not path.is_dir():
@@ -92,7 +98,7 @@ def _strings(value: Any, where: str) -> list[str]:
     return list(value)
 
 
-def _task(path: Path, name: str, table: Mapping[str, Any], default_limit: int | None) -> SuiteTask:
+def _task(path: Path, name: str, table: Mapping[str, Any], default_limit: int | None, roots: Roots = None) -> SuiteTask:
     base = path.parent
     where = f"{path}: [tasks.{name}]"
     if not isinstance(table, Mapping):
@@ -100,8 +106,11 @@ def _task(path: Path, name: str, table: Mapping[str, Any], default_limit: int | 
     _unknown_keys(table, TASK_KEYS, where)
     if "data" not in table:
         raise ConfigError(f"{where}: missing data = \"FOLDER\" (its test images)")
-    data = _resolve(base, table["data"], f"{where} data", kind="dir")
+    data = _resolve(base, table["data"], f"{where} data", kind="dir", roots=roots)
     listing = list_images(data, f"{where} data")
+    if roots is not None:  # an image may be a symlink out of the data folder
+        for ref in listing.refs:
+            check_allowed(ref.path, roots, f"image of {where}")
     builtin = find_builtin_task(name)
     classes_value = table.get("classes")
     if classes_value is None:
@@ -243,6 +252,7 @@ class ClipSuite(TaskSuite):
             try:
                 images = load_file(str(cached))["images"]
                 if images.shape[0] == len(keep):
+                    touch(cached)
                     return TestSplit(images, labels, clip.mean, clip.std)
             except Exception:  # a damaged cache entry is rebuilt, never trusted
                 pass
@@ -301,9 +311,12 @@ def _check_experts(path: Path, pretrained: Path, experts: Mapping[str, Path]) ->
                                   f"{base_shape}; the expert does not match the architecture")
 
 
-def load_suite_file(path: str | Path, *, limit: int | None = None, check_experts: bool = True) -> ClipSuite:
-    """Read and check a suite file (see the module docstring). `limit` overrides every task's limit."""
+def load_suite_file(path: str | Path, *, limit: int | None = None, check_experts: bool = True,
+                    roots: Roots = None) -> ClipSuite:
+    """Read and check a suite file (see the module docstring). `limit` overrides every task's limit;
+    with `roots` (engine.access) the file and every path it names must lie under one of them."""
     path = Path(path).expanduser()
+    check_allowed(path, roots, "suite file")
     if not path.is_file():
         raise ConfigError(f"{path}: no such suite file")
     try:
@@ -320,7 +333,7 @@ def load_suite_file(path: str | Path, *, limit: int | None = None, check_experts
     if "hf" in model:
         if "open_clip" in model or "pretrained" in model:
             raise ConfigError(f"{path}: [model] give either hf = FOLDER, or open_clip + pretrained, not both")
-        spec["hf"] = _resolve(base, model["hf"], f"{path}: [model] hf", kind="dir")
+        spec["hf"] = _resolve(base, model["hf"], f"{path}: [model] hf", kind="dir", roots=roots)
     else:
         if "open_clip" not in model or "pretrained" not in model:
             raise ConfigError(f"{path}: [model] needs open_clip = \"ARCH\" and pretrained = \"FILE\" (or hf = FOLDER)")
@@ -328,7 +341,7 @@ def load_suite_file(path: str | Path, *, limit: int | None = None, check_experts
         if not isinstance(arch, str) or not arch:
             raise ConfigError(f"{path}: [model] open_clip must be an architecture name or a config JSON path")
         if arch.endswith(".json"):
-            spec["open_clip"] = _resolve(base, arch, f"{path}: [model] open_clip", kind="file")
+            spec["open_clip"] = _resolve(base, arch, f"{path}: [model] open_clip", kind="file", roots=roots)
         else:
             from .clip_model import check_architecture
 
@@ -337,11 +350,13 @@ def load_suite_file(path: str | Path, *, limit: int | None = None, check_experts
             except MergeExplorerError as exc:
                 raise ConfigError(f"{path}: [model] open_clip: {exc}") from None
             spec["open_clip"] = arch
-        spec["pretrained"] = _resolve(base, model["pretrained"], f"{path}: [model] pretrained", kind="file")
+        spec["pretrained"] = _resolve(base, model["pretrained"], f"{path}: [model] pretrained", kind="file",
+                                      roots=roots)
     experts_table = doc.get("experts")
     if not isinstance(experts_table, Mapping) or not experts_table:
         raise ConfigError(f"{path}: missing [experts] with at least one task = \"CHECKPOINT\"")
-    experts = {str(t): _resolve(base, p, f"{path}: [experts] {t}", kind="file") for t, p in experts_table.items()}
+    experts = {str(t): _resolve(base, p, f"{path}: [experts] {t}", kind="file", roots=roots)
+               for t, p in experts_table.items()}
     tasks_table = doc.get("tasks", {})
     if not isinstance(tasks_table, Mapping):
         raise ConfigError(f"{path}: [tasks] must be tables like [tasks.NAME]")
@@ -353,17 +368,17 @@ def load_suite_file(path: str | Path, *, limit: int | None = None, check_experts
     for name in experts:
         if name not in tasks_table:
             raise ConfigError(f"{path}: [tasks.{name}] is missing: every expert needs its test data")
-        tasks[name] = _task(path, name, tasks_table[name], default_limit)
+        tasks[name] = _task(path, name, tasks_table[name], default_limit, roots)
         if limit is not None:
             tasks[name].limit = None if limit <= 0 else limit
     if check_experts:
         _check_experts(path, Path(spec.get("pretrained") or spec["hf"]), experts)
     suite = ClipSuite(path, spec, experts, tasks)
     if "reference" in doc:  # RI-adapted experts: normalise and measure ξ against the original suite's
-        original = _resolve(base, doc["reference"], f"{path}: reference", kind="file")
+        original = _resolve(base, doc["reference"], f"{path}: reference", kind="file", roots=roots)
         if original.resolve() == path.resolve():
             raise ConfigError(f"{path}: reference must name another suite file (the original experts)")
-        reference = load_suite_file(original, limit=limit, check_experts=False)
+        reference = load_suite_file(original, limit=limit, check_experts=False, roots=roots)
         if reference.task_names() != suite.task_names():
             raise ConfigError(f"{path}: reference {original} has tasks {reference.task_names()}, "
                               f"this suite {suite.task_names()}")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .cache import cache_path, write_atomically
+from .cache import cache_path, touch, write_atomically
 
 
 def zero_shot_head(clip, classes: Sequence[str], templates: Sequence[str], device: str | torch.device = "cpu"
@@ -25,6 +25,7 @@ def zero_shot_head(clip, classes: Sequence[str], templates: Sequence[str], devic
         try:
             head = load_file(str(path))["head"]
             if head.shape[0] == len(classes):
+                touch(path)
                 return head
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             pass

@@ -23,8 +23,12 @@ def zoo_root(quick_zoo) -> Path:
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
-    """Heads, decoded images and RI-adapted experts of these tests go to one temporary cache folder."""
+    """Heads, decoded images and RI-adapted experts of these tests go to one temporary cache folder;
+    a page run waits for its queue job to finish (AppTest runs no timers to poll with)."""
     monkeypatch.setenv("MERGE_EXPLORER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("MERGE_EXPLORER_JOB_WAIT_S", "600")
+    # the folders and suites these tests type into the sidebar live under pytest's temporary folder
+    monkeypatch.setenv("MERGE_EXPLORER_DATA", str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture
@@ -121,7 +125,8 @@ def test_ties_merge_shows_metrics_and_accuracy_bars(app):
     assert len(merged["x"]) == len(merged["y"]) >= 2
     assert sum(merged["y"]) / len(merged["y"]) == pytest.approx(average, abs=0.06)  # metric is rounded
     assert trace(fig, "individual expert") and trace(fig, "pretrained")
-    assert fig["layout"]["title"]["text"] and "%" in fig["layout"]["yaxis"]["title"]["text"]
+    assert "TIES-Merging, k = 30, λ = 1" in fig["layout"]["title"]["text"]  # the chart says which merge it shows
+    assert "%" in fig["layout"]["yaxis"]["title"]["text"]
     assert any("What am I looking at" in c.value for c in at.caption)
     assert at.download_button(key="download_merged").proto.label.startswith("Download merged checkpoint")
     # the URL holds the view, so a link reopens it
@@ -691,3 +696,65 @@ def test_a_broken_suite_file_is_reported_on_the_page(app, tmp_path):
     assert_clean(at)
     assert at.error and "cannot be used" in at.error[0].value and "suite.toml" in at.error[0].value
     assert any("the last source that worked" in w.value for w in at.warning)
+
+
+# --------------------------------------------------------------------------- the shared work queue
+
+
+def test_cancelling_a_queued_and_a_running_job(app, monkeypatch):
+    import threading
+
+    from engine.jobs import CANCELLED, shared_queue
+
+    monkeypatch.setenv("MERGE_EXPLORER_JOB_WAIT_S", "0.2")  # the page stops waiting quickly and shows the queue
+    queue = shared_queue()
+    release = threading.Event()
+
+    def other_users_job(progress):  # someone else's long job holds the batch lane
+        while not release.wait(0.02):
+            progress(0.5, "busy")
+
+    blocker = queue.submit("another session's continual run", other_users_job, owner="someone else", lane="batch")
+    try:
+        at = open_page(app, "sweep")
+        at.slider(key="w.sweep.points").set_value(5).run()
+        at.button(key="run_sweep").click().run()
+        assert_clean(at)
+        assert any("Waiting in the queue" in i.value for i in at.info), [i.value for i in at.info]
+        waiting = [j for j in queue.queued() if j.kind == "sweep"]
+        assert len(waiting) == 1 and at.button(key="cancel_button::sweep")
+        at.button(key="cancel_button::sweep").click().run()
+        assert_clean(at)
+        assert waiting[0].state == CANCELLED and waiting[0].key not in queue.computations  # never ran
+        assert any("Cancelled" in e.value for e in at.error)
+    finally:
+        release.set()
+        blocker.wait(10)
+
+    # a running job stops at its next progress report
+    at.slider(key="w.sweep.points").set_value(16).run()
+    at.button(key="run_sweep").click().run()
+    running = [j for j in queue.running() + queue.queued() if j.kind == "sweep"]
+    assert len(running) == 1 and not any("Waiting in the queue" in i.value for i in at.info)
+    at.button(key="cancel_button::sweep").click().run()
+    assert_clean(at)
+    assert running[0].wait(30) and running[0].state == CANCELLED
+    assert queue.computations[running[0].key] == 1  # it had started
+    assert not at.get("plotly_chart") or "sweep_chart" not in [c.proto.id for c in at.get("plotly_chart")]
+
+
+
+# --------------------------------------------------------------------------- safe sources
+
+
+def test_a_path_outside_the_allowed_folders_is_refused_in_the_page(app, tmp_path):
+    app.query_params.update({"source": "folder", "folder": "/etc"})
+    at = open_page(app, "merge")
+    assert at.error and "/etc" in at.error[0].value and "MERGE_EXPLORER_DATA" in at.error[0].value
+    sneaky = tmp_path / "models"
+    sneaky.mkdir()
+    (sneaky / "link").symlink_to("/etc")
+    for path in (f"{sneaky}/../../../../../etc", str(sneaky / "link")):
+        at.sidebar.text_input(key="w.sidebar.folder").input(path).run()
+        assert_clean(at)
+        assert at.error and "MERGE_EXPLORER_DATA" in at.error[0].value, path

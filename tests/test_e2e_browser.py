@@ -14,23 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-VIEWPORT = {"width": 1400, "height": 1000}
-STARTUP_TIMEOUT_S = 90
-STEP_TIMEOUT_MS = 180_000  # first merge on a cold server JIT-compiles the kernels
+from browser_harness import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, VIEWPORT, assert_no_error_text,
+                             assert_only_local, chart_data, chart_titles, go, nudge_slider, settle, shot,
+                             start_server, stop_server, wait_for_charts, wait_for_images, wait_for_url_param,
+                             wait_until_healthy, watch_requests)
 
 if not CHROMIUM.exists():
     if os.environ.get("CI", "").lower() == "true":
@@ -42,56 +33,14 @@ if not CHROMIUM.exists():
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(zoo_root: Path, cache: Path, log_name: str):
-    """`streamlit run app.py` on a free loopback port; returns (process, url, log file)."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    port = _free_port()
-    env = {**os.environ, "MERGE_EXPLORER_ZOO": str(zoo_root), "MERGE_EXPLORER_CACHE": str(cache),
-           "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    log = open(ARTIFACTS / log_name, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def wait_until_healthy(proc, url: str, log_name: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"streamlit did not start: {(ARTIFACTS / log_name).read_text()[-2000:]}")
-        time.sleep(0.2)
-
-
-def stop_server(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
 @pytest.fixture(scope="module")
 def server(quick_zoo, tmp_path_factory):
     """The app as a user starts it, pointed at the quick zoo; yields its base URL."""
+    log_path = ARTIFACTS / "e2e-server.log"
     proc, url, log = start_server(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path_factory.mktemp("cache"),
-                                  "e2e-server.log")
+                                  log_path)
     try:
-        wait_until_healthy(proc, url, "e2e-server.log")
+        wait_until_healthy(proc, url, log_path)
         yield url
     finally:
         stop_server(proc, log)
@@ -105,95 +54,13 @@ def browser():
         b.close()
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def settle(page) -> None:
-    """Wait until Streamlit has finished the current script run."""
-    page.wait_for_selector('[data-testid="stAppViewContainer"]', timeout=STEP_TIMEOUT_MS)
-    page.wait_for_timeout(300)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
-                           timeout=STEP_TIMEOUT_MS)
-    page.wait_for_timeout(300)
-
-
-def assert_no_error_text(page) -> None:
-    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
-    text = page.inner_text("body")
-    for bad in ("Traceback", "Exception:", "Error:"):
-        assert bad not in text, f"{bad!r} on screen:\n{text[:3000]}"
-
-
-def shot(page, name: str) -> Path:
-    page.mouse.move(1, 1)  # no hover or focus tooltip in the picture
-    page.evaluate("() => document.activeElement && document.activeElement.blur()")
-    page.wait_for_timeout(300)
-    path = ARTIFACTS / f"e2e-{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
-def go(page, nav_title: str) -> None:
-    page.locator('[data-testid="stTopNavLink"]', has_text=nav_title).first.click()
-    settle(page)
-
-
-def wait_for_url_param(page, fragment: str) -> None:
-    """The app writes its settings into the URL at the end of a run: wait for `fragment` there."""
-    page.wait_for_function("(f) => window.location.href.includes(f)", arg=fragment, timeout=STEP_TIMEOUT_MS)
-
-
-def chart_data(page, index: int = 0) -> str:
-    """The data of the index-th plotly chart as the browser holds it (JSON)."""
-    return page.evaluate(
-        "(i) => { const g = document.querySelectorAll('.js-plotly-plot')[i];"
-        " return g && g.data ? JSON.stringify(g.data.map(t => [t.name, t.y])) : null; }", index)
-
-
-def wait_for_images(page) -> None:
-    """Streamlit fetches st.image media after the run: wait until every image has pixels."""
-    page.wait_for_function(
-        "() => { const imgs = Array.from(document.querySelectorAll('[data-testid=\"stImage\"] img'));"
-        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
-        timeout=STEP_TIMEOUT_MS)
-
-
-def wait_for_charts(page, n: int) -> None:
-    """Plotly draws after the script run ends: wait until n charts hold data."""
-    page.wait_for_function(
-        "(n) => Array.from(document.querySelectorAll('.js-plotly-plot')).filter(g => g.data).length >= n",
-        arg=n, timeout=STEP_TIMEOUT_MS)
-
-
-def chart_titles(page) -> list[str]:
-    return page.evaluate("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
-                         ".map(g => (g.layout && g.layout.title && g.layout.title.text) || '')")
-
-
-def nudge_slider(page, label: str, key: str, times: int) -> list[float]:
-    """Press an arrow key on a slider `times` times; seconds from key press to redrawn chart 0."""
-    slider = page.locator('[data-testid="stSlider"]', has_text=label).locator('input[type="range"]').first
-    latencies = []
-    for _ in range(times):
-        before = chart_data(page, 0)
-        slider.focus()
-        t0 = time.perf_counter()
-        slider.press(key)
-        page.wait_for_function(
-            "(b) => { const g = document.querySelectorAll('.js-plotly-plot')[0];"
-            " return g && g.data && JSON.stringify(g.data.map(t => [t.name, t.y])) !== b; }",
-            arg=before, timeout=STEP_TIMEOUT_MS)
-        latencies.append(time.perf_counter() - t0)
-        settle(page)
-    return latencies
-
-
 # --------------------------------------------------------------------------- the walk
 
 
 def test_ties_merge_and_interference_in_chromium(server, browser):
     page = browser.new_page(viewport=VIEWPORT)
     page.set_default_timeout(STEP_TIMEOUT_MS)
+    requests = watch_requests(page)
 
     page.goto(server)
     settle(page)
@@ -209,7 +76,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     page.get_by_text("TIES-Merging", exact=True).click()
     settle(page)
     wait_for_charts(page, 1)
-    assert any("Per-task accuracy" in t for t in chart_titles(page))
+    assert any("TIES-Merging, k = 20, λ = 1: per-task accuracy" in t for t in chart_titles(page)), chart_titles(page)
     legend = page.locator(".js-plotly-plot .legend").first.text_content()
     assert "TIES-Merging" in legend and "individual expert" in legend
     assert page.get_by_text("Average accuracy").count() >= 1
@@ -275,6 +142,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     assert_no_error_text(page)
     shot(page, "5-sweep")
     page.close()
+    assert_only_local(requests, server)
 
 
 def test_a_shared_link_reopens_the_same_view(server, browser):
@@ -296,6 +164,7 @@ def test_continual_and_ri_in_chromium(server, browser):
     """
     page = browser.new_page(viewport={"width": 1400, "height": 3000})
     page.set_default_timeout(STEP_TIMEOUT_MS)
+    requests = watch_requests(page)
     page.goto(f"{server}/continual?cmethods=mingle,task-arithmetic&steps=5")
     settle(page)
     page.get_by_role("heading", name="Continual merging").wait_for()
@@ -332,12 +201,14 @@ def test_continual_and_ri_in_chromium(server, browser):
     assert_no_error_text(page)
     shot(page, "8-sweep-ri")
     page.close()
+    assert_only_local(requests, server)
 
 
 def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser, tmp_path):
     """From the very first paint, the sidebar navigation is the app's own (Models, Merge, …): never
     Streamlit's legacy list of script files (app, shared, merge, …)."""
-    proc, url, log = start_server(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path / "cache", "e2e-fresh.log")
+    log_path = ARTIFACTS / "e2e-fresh.log"
+    proc, url, log = start_server(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path / "cache", log_path)
     try:
         page = browser.new_page(viewport=VIEWPORT)
         # Record every navigation entry the page ever shows, from before Streamlit's first render.
@@ -349,7 +220,7 @@ def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser
                 .forEach(a => window.__navSeen.add(a.textContent.replace(/^[a-z_0-9]+(?=[A-Z])/, '').trim()));
             }).observe(document, {subtree: true, childList: true, characterData: true});
         """)
-        wait_until_healthy(proc, url, "e2e-fresh.log")
+        wait_until_healthy(proc, url, log_path)
         page.goto(url)
         page.get_by_text("experts from the demo zoo").wait_for(timeout=STEP_TIMEOUT_MS)
         settle(page)
@@ -394,3 +265,24 @@ def test_a_suite_file_in_chromium(server, browser, suite_file):
     assert_no_error_text(page)
     shot(page, "10-suite-continual")
     page.close()
+
+
+def test_eight_sessions_on_the_same_settings_share_one_merge(server, browser):
+    """Eight students open the same view at once: the server computes the merge and its evaluation
+    once (the engine's queue logs every job it runs) and every page shows the same numbers."""
+    log = ARTIFACTS / "e2e-server.log"
+    url = f"{server}/merge?method=ties&k=41&lam=0.85"  # settings no other test uses
+    before = log.read_text().count("job started: merge")
+    pages = [browser.new_page(viewport=VIEWPORT) for _ in range(8)]
+    for page in pages:
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        page.goto(url, wait_until="commit")  # all eight ask before any answer arrives
+    averages = set()
+    for page in pages:
+        settle(page)
+        wait_for_charts(page, 1)
+        assert_no_error_text(page)
+        averages.add(page.locator('[data-testid="stMetricValue"]').first.inner_text())
+        page.close()
+    assert len(averages) == 1, averages
+    assert log.read_text().count("job started: merge") - before == 1

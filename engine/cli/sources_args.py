@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..access import cli_roots
 from ..errors import ConfigError
 from ..sources import Source, load_task_suite, resolve_source
 from ..zoo.manifest import default_zoo_dir
@@ -27,7 +28,7 @@ def suite_from_args(args: argparse.Namespace, *, default_zoo: bool = False):
         if not default_zoo:
             raise ConfigError("give --zoo DIR or --suite FILE (test data and heads are needed here)")
         zoo = default_zoo_dir()
-    return load_task_suite(zoo=zoo, suite=suite, limit=args.limit)
+    return load_task_suite(zoo=zoo, suite=suite, limit=args.limit, roots=cli_roots())
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,4 +45,4 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def source_from_args(args: argparse.Namespace) -> Source:
     return resolve_source(zoo=args.zoo, suite=args.suite, base=args.base, experts=args.experts,
-                          limit=args.limit).select(args.tasks)
+                          limit=args.limit, roots=cli_roots()).select(args.tasks)

@@ -1,23 +1,41 @@
-"""Engine calls the pages make, cached and shown with progress.
+"""Engine calls the pages make: cached, and computed through the server's shared work queue.
 
 Results are plain dicts (JSON-able) kept in a server-wide store per kind, keyed by everything that
 made them (the source's content key, tasks, method, settings, image budget), so every session that
-asks for the same view gets it at once. A result that is not there yet is computed with a
-progress bar in the page.
+asks for the same view gets it at once. A result that is not there yet becomes a job on the shared
+queue (engine.jobs): identical requests from many sessions are computed once, a slider's merge goes
+to the interactive lane and never waits behind a sweep, and a waiting page shows its place in the
+queue, the running job's progress and a Cancel button.
 """
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections import OrderedDict
 from typing import Any, Callable
 
 import streamlit as st
 
+from engine.errors import MergeExplorerError
+from engine.jobs import CANCELLED, DONE, DROPPED, FAILED, QUEUED, Job, shared_queue
 from engine.methods import get_method
 
 from .sources import Active
 
 Progress = Callable[[float, str], None]
+OWNER = "job_owner"
+POLL_S = 0.5
+
+
+def wait_s() -> float:
+    """How long a page run waits for its job before it shows the queue status and polls instead (the
+    browser keeps the session alive meanwhile); a slider's merge normally finishes well within it."""
+    return float(os.environ.get("MERGE_EXPLORER_JOB_WAIT_S", "3"))
+
+
+class Cancelled(MergeExplorerError):
+    """The user cancelled the job this view was waiting for."""
 
 
 @st.cache_resource(max_entries=16)
@@ -38,19 +56,108 @@ def key_of(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def with_progress(kind: str, key: str, compute: Callable[[Progress], Any], text: str, size: int = 256) -> Any:
-    """The stored result for `key`, else `compute(progress)` under a progress bar, then stored."""
+def session_owner() -> str:
+    """This browser session's identity in the work queue."""
+    if OWNER not in st.session_state:
+        st.session_state[OWNER] = uuid.uuid4().hex
+    return st.session_state[OWNER]
+
+
+def _cancel_flag(key: str) -> str:
+    return f"cancel::{key}"
+
+
+def _status_text(job: Job, text: str) -> str:
+    queue = shared_queue()
+    expected = queue.expected_seconds(job.kind)
+    usually = f" (this kind of job has taken about {expected:.0f} s on this server)" if expected else ""
+    if job.state == QUEUED:
+        ahead = queue.position(job)
+        busy = len(queue.running())
+        return (f"Waiting in the queue: {ahead} job{'s' if ahead != 1 else ''} ahead of yours"
+                + (f", {busy} running" if busy else "") + f"{usually}. {text}")
+    return f"{text} {job.message}" + (f" — {job.seconds:.0f} s so far{usually}" if job.seconds else "")
+
+
+def run_job(kind: str, key: str, compute: Callable[[Progress], Any], text: str, *, lane: str = "batch",
+            size: int = 256) -> Any:
+    """The stored result for `key`, else the result of `compute(progress)` run as a queue job.
+
+    While the job is queued or running the page shows where it stands with a Cancel button; the
+    run waits up to `wait_s()` for it, then hands over to a small status fragment that polls the
+    job and reruns the page when it has finished.
+    """
     store = result_store(kind)
     if key in store:
         store.move_to_end(key)
         return store[key]
-    bar = st.progress(0.0, text=text)
-    try:
-        value = compute(lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=f"{text} {msg}"))
-    finally:
-        bar.empty()
-    remember(store, key, value, size)
-    return value
+    queue, owner = shared_queue(), session_owner()
+
+    def job_fn(progress: Progress) -> Any:
+        value = compute(progress)
+        remember(store, key, value, size)  # for every session, even if the asker has gone
+        return value
+
+    job = queue.submit(key, job_fn, owner=owner, kind=kind, label=text, lane=lane)
+    if st.session_state.pop(_cancel_flag(key), False):
+        queue.cancel(job, owner)
+        raise Cancelled(f"Cancelled: {text.rstrip('…. ')}. Nothing was changed.")
+    if not job.wait(wait_s()):
+        _waiting(job, key, text)  # stops this run; the fragment reruns the page when the job is done
+    return _outcome(job, text)
+
+
+def measured(kind: str) -> str:
+    """How long this kind of job has taken on this server, for labels ("" before the first run):
+    estimates come from measurements here, never from fixed text."""
+    seconds = shared_queue().expected_seconds(kind)
+    if seconds is None:
+        return ""
+    return f"about {seconds:.0f} s on this server so far" if seconds >= 1 else "under a second on this server so far"
+
+
+def asked(kind: str, key: str, pressed: bool) -> bool:
+    """Whether this view's result should be shown or computed: its button was pressed now or earlier
+    in this session (a job can outlive the run that started it), or someone has computed it."""
+    wanted = st.session_state.setdefault("asked", set())
+    if pressed:
+        wanted.add(key)
+    return key in wanted or key in result_store(kind)
+
+
+def _outcome(job: Job, text: str) -> Any:
+    if job.state == DONE:
+        return job.result
+    if job.state == FAILED:
+        if isinstance(job.error, MergeExplorerError):
+            raise job.error
+        raise MergeExplorerError(f"{text.rstrip('…. ')} failed: {job.error}") from job.error
+    if job.state in (CANCELLED, DROPPED):
+        raise Cancelled(f"Cancelled: {text.rstrip('…. ')}.")
+    raise MergeExplorerError(f"{text.rstrip('…. ')}: unexpected job state {job.state}")
+
+
+def _request_cancel(key: str) -> None:
+    st.session_state[_cancel_flag(key)] = True
+
+
+def _waiting(job: Job, key: str, text: str) -> None:
+    queue, owner = shared_queue(), session_owner()
+
+    @st.fragment(run_every=POLL_S)
+    def status() -> None:
+        queue.touch(job, owner)  # a heartbeat: this session still wants the job
+        if job.is_finished:
+            st.rerun(scope="app")
+        if job.state == QUEUED:
+            st.info(_status_text(job, text), icon=":material/hourglass_top:")
+        else:
+            st.progress(min(max(job.fraction, 0.0), 1.0), text=_status_text(job, text))
+
+    status()
+    st.button("Cancel", key=f"cancel_button::{job.kind}", on_click=_request_cancel, args=(key,),
+              help="Stop waiting for this result; if nobody else waits for it, the job is stopped too.")
+    st.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,8 +175,8 @@ def merge_report(act: Active, tasks: list[str], method_name: str, config: dict[s
         merged = stack.apply(method.merge(stack, method.config(**config)))
         return evaluate(act.suite, merged, tasks=tasks, limit=act.limit, progress=progress).to_json()
 
-    return with_progress("merge", key_of(act.key, tasks, method_name, config), compute,
-                         "Merging and measuring accuracy on every task…")
+    return run_job("merge", key_of(act.key, tasks, method_name, config), compute,
+                   "Merging and measuring accuracy on every task…", lane="interactive")
 
 
 def reference_accuracies(act: Active) -> dict[str, dict[str, float]]:
@@ -85,7 +192,8 @@ def reference_accuracies(act: Active) -> dict[str, dict[str, float]]:
         pretrained = evaluate(suite, "pretrained", limit=act.limit).per_task
         return {"individual": individual, "pretrained": {t: float(v) for t, v in pretrained.items()}}
 
-    return with_progress("reference", key_of(act.key), compute, "Measuring the experts and the pretrained model…")
+    return run_job("reference", key_of(act.key), compute, "Measuring the experts and the pretrained model…",
+                   lane="interactive")
 
 
 def merged_checkpoint_bytes(act: Active, tasks: list[str], method_name: str, config: dict[str, Any]) -> bytes:
@@ -106,8 +214,8 @@ def interference_report(act: Active, tasks: list[str], method_name: str, config:
         merged = stack.apply(method.merge(stack, method.config(**config)))
         return measure_interference(act.suite, merged, tasks, limit=act.limit, progress=progress).to_json()
 
-    return with_progress("interference", key_of(act.key, tasks, method_name, config), compute,
-                         "Measuring interference ξ against the original experts…")
+    return run_job("interference", key_of(act.key, tasks, method_name, config), compute,
+                   "Measuring interference ξ against the original experts…", lane="interactive")
 
 
 # --------------------------------------------------------------------------------------------

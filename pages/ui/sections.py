@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import threading
 from typing import Any
 
 import streamlit as st
 
-from .sources import Active
+from engine.errors import MergeExplorerError
+
+from . import calls
+from .sources import ACTIVE, KINDS, PROBLEM, Active, default_zoo_dir
 from .state import PAGE_KEY, bind
 from .widgets import config_widgets
 
@@ -36,12 +38,70 @@ def budget_caption(act: Active, n_images: dict[str, int] | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The source a page works on
+# --------------------------------------------------------------------------------------------
+
+
+def active(*, needs_evaluation: str | None = None) -> Active:
+    """The source chosen in the sidebar, or stop the page with what to do.
+
+    `needs_evaluation` names what the page measures; for a source without test data the page then
+    explains in the main area why it cannot show anything and stops.
+    """
+    problem = st.session_state.get(PROBLEM)
+    act: Active | None = st.session_state.get(ACTIVE)
+    if problem is not None and problem["kind"] == "zoo-missing":
+        offer_zoo_build()
+        st.stop()
+    if problem is not None:
+        what = KINDS.get(problem["kind"], problem["kind"])
+        if problem["path"]:
+            st.error(f"**The {what.lower()} `{problem['path']}` cannot be used:** {problem['message']}",
+                     icon=":material/error:")
+        else:
+            st.info(f"Choose a {what.lower()} in the sidebar: {problem['message']}.", icon=":material/info:")
+        if act is None:
+            st.stop()
+        st.warning(f"Below: **{act.label}** (the last source that worked), not the one chosen in the sidebar.",
+                   icon=":material/history:")
+    if act is None:
+        st.info("Choose a model source in the sidebar: the demo zoo, a suite file or a folder of checkpoints.")
+        st.stop()
+    if needs_evaluation and not act.can_evaluate:
+        st.info(f"{needs_evaluation} needs test images and heads, which {act.label} does not have: a checkpoint "
+                "folder holds weights only. Describe the same checkpoints with a suite file (docs/suites.md) "
+                "or switch to the demo zoo in the sidebar.", icon=":material/info:")
+        st.stop()
+    return act
+
+
+def offer_zoo_build() -> None:
+    """The demo zoo is missing: say so and offer to build it (a job on the shared queue)."""
+    root = default_zoo_dir()
+    st.warning(f"The demo zoo is not built yet (looked in `{root}`).")
+    st.markdown("It is a small CLIP-style ViT fine-tuned on a few toy tasks; building it trains the experts "
+                "on this machine. Or run `python -m engine zoo build` in a terminal.")
+    pressed = st.button("Build the demo zoo", type="primary", key="build_zoo")
+    key = calls.key_of("zoo-build", str(root))
+    if calls.asked("zoo-build", key, pressed):
+        from engine.zoo.build import build_zoo
+
+        try:
+            calls.run_job("zoo-build", key, lambda progress: str(build_zoo(root, progress=progress).root),
+                          "Building the demo zoo…")
+        except MergeExplorerError as exc:
+            st.error(str(exc))
+            st.stop()
+        st.session_state.pop(PROBLEM, None)
+        st.rerun()
+
+
+# --------------------------------------------------------------------------------------------
 # RI-adapted experts (Resolving Interference, docs/methods.md)
 # --------------------------------------------------------------------------------------------
 
 RI_FIELDS = ("alpha", "steps", "aux")
 RI_URL_PREFIX = "ri_"
-_RI_LOCK = threading.Lock()
 
 
 def ri_controls(act: Active) -> tuple[bool, dict[str, Any]]:
@@ -53,14 +113,14 @@ def ri_controls(act: Active) -> tuple[bool, dict[str, Any]]:
                    "its own predictions and leave other tasks' heads as the pretrained model had them.")
     if not act.can_evaluate or not on:
         return False, {}
-    # A form: each new setting means adapting every expert again (about a minute on the demo zoo),
-    # so settings apply together on one click rather than on every slider move.
+    # A form: each new setting means adapting every expert again, so settings apply together on one
+    # click rather than on every slider move.
     with st.expander("RI settings"), st.form(f"ri_form_{st.session_state.get(PAGE_KEY, '')}", border=False):
         bounds = {"alpha": (0.0, 10.0), "steps": (0, 1000)}
         values = config_widgets(RIConfig, "ri", only=RI_FIELDS, url_ok=True, url_prefix=RI_URL_PREFIX, bounds=bounds)
         st.form_submit_button("Apply RI settings",
-                              help="Adapts the experts with these settings (about a minute on the demo zoo the "
-                                   "first time; each setting's adapted experts are kept in the cache folder).")
+                              help="Adapts the experts with these settings the first time (each setting's adapted "
+                                   "experts are kept in the cache folder and reused).")
     return True, values
 
 
@@ -77,8 +137,8 @@ def _adapted_stack(key: str, _suite) -> Any:
 
 def ri_active(act: Active, values: dict[str, Any]) -> Active:
     """The source with RI-adapted experts: read from the cache folder when adapted before with these
-    settings, else adapted now with a progress bar. One adaptation at a time per server; a second
-    session waits for it and then reuses its result."""
+    settings, else adapted now as a job on the server's shared queue (a second session asking for the
+    same settings waits for that job instead of adapting again)."""
     from engine.adapted import cached_adapted, ensure_adapted
     from engine.methods.ri import RIConfig
     from engine.sources import suite_source
@@ -86,16 +146,9 @@ def ri_active(act: Active, values: dict[str, Any]) -> Active:
     config = RIConfig(**values)
     adapted = cached_adapted(act.suite, config)
     if adapted is None:
-        if not _RI_LOCK.acquire(blocking=False):
-            with st.spinner("Another session is adapting the experts with RI; waiting for it…"):
-                _RI_LOCK.acquire()
-        try:
-            bar = st.progress(0.0, text="Adapting every expert with RI (first time only; kept in the cache)…")
-            adapted = ensure_adapted(act.suite, config, progress=lambda f, msg: bar.progress(
-                min(max(float(f), 0.0), 1.0), text=f"RI: {msg}"))
-            bar.empty()
-        finally:
-            _RI_LOCK.release()
+        key = calls.key_of("ri", act.key, values)
+        adapted = calls.run_job("ri", key, lambda progress: ensure_adapted(act.suite, config, progress=progress),
+                                "Adapting every expert with RI (first time only; kept in the cache)…")
     key = hashlib.sha1(f"{act.key}|ri|{sorted(values.items())}".encode()).hexdigest()[:16]
     return Active(kind=act.kind, path=act.path, label=f"{act.label} (RI-adapted experts)",
                   source=suite_source(adapted), suite=adapted, stack=_adapted_stack(key, adapted), key=key,

@@ -1,6 +1,6 @@
 """The model source every page works on: the demo zoo, a suite file, or a checkpoint folder.
 
-The sidebar (app.py calls `sidebar()`) picks one; `active()` gives pages the loaded source. A suite
+The sidebar (app.py calls `sidebar()`) picks one; `sections.active()` gives pages the loaded source. A suite
 (the demo zoo or a suite file) has heads and test images, so every page works on it; a plain
 checkpoint folder supports merging and sign conflicts only. Loading is cached by content
 (paths with sizes and modification times), never by tensors.
@@ -11,14 +11,15 @@ showing the previous source, under a banner that names it, or nothing when there
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
+from engine.access import allowed_roots, check_allowed
 from engine.errors import MergeExplorerError
-from engine.sources import Source, suite_source
+from engine.sources import Source, discover_folder, suite_source
+from engine.suite_file import load_suite_file
 from engine.task_vectors import TaskVectorStack
 from engine.tasks import TaskSuite
 from engine.zoo.manifest import MANIFEST_NAME, default_zoo_dir
@@ -90,17 +91,13 @@ def _load_zoo_suite(root: str, fingerprint: tuple) -> TaskSuite:
 
 
 @st.cache_resource(show_spinner="Checking the suite file, its checkpoints and test data…", max_entries=8)
-def _load_suite_file(path: str, fingerprint: tuple) -> TaskSuite:
-    from engine.suite_file import load_suite_file
-
-    return load_suite_file(path)
+def _load_suite_file(path: str, fingerprint: tuple, roots: tuple[Path, ...]) -> TaskSuite:
+    return load_suite_file(path, roots=list(roots))
 
 
 @st.cache_resource(show_spinner="Checking the checkpoint folder…", max_entries=8)
-def _discover_folder(path: str, fingerprint: tuple) -> Source:
-    from engine.sources import discover_folder
-
-    return discover_folder(path)
+def _discover_folder(path: str, fingerprint: tuple, roots: tuple[Path, ...]) -> Source:
+    return discover_folder(path, roots=list(roots))
 
 
 @st.cache_resource(show_spinner="Computing task vectors (θ_t − θ_0) for every expert…", max_entries=4)
@@ -124,19 +121,23 @@ def load_active(kind: str, path: str, limit: int | None = None) -> Active:
         suite = _load_zoo_suite(str(root), fp)
         source, label, limit = suite_source(suite), "the demo zoo", None
     elif kind == "suite":
+        roots = tuple(allowed_roots())
+        check_allowed(path, roots, "suite file")  # before anything is read, even its existence
         file = Path(path).expanduser()
         if not file.is_file():
             raise MergeExplorerError(f"{file}: no such suite file")
         fp = _fingerprint([str(file)])
-        suite = _load_suite_file(str(file), fp)
+        suite = _load_suite_file(str(file), fp, roots)
         source, label = suite_source(suite), f"the suite {file.name}"
     elif kind == "folder":
+        roots = tuple(allowed_roots())
+        check_allowed(path, roots, "folder")
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise MergeExplorerError(f"{folder} is not a folder: give a folder holding a pretrained checkpoint "
                                      "and one checkpoint per fine-tuned expert")
         fp = _fingerprint([str(folder)])
-        suite, source, label, limit = None, _discover_folder(str(folder), fp), f"the folder {folder.name}", None
+        suite, source, label, limit = None, _discover_folder(str(folder), fp, roots), f"the folder {folder.name}", None
     else:
         raise MergeExplorerError(f"unknown source kind {kind!r}")
     files = [str(source.base_path), *map(str, source.expert_paths)]
@@ -205,66 +206,3 @@ def _limit_control() -> int | None:
         st.session_state.pop("w.sidebar.limit", None)
         st.rerun()
     return None if value == 0 else int(value)
-
-
-def active(*, needs_evaluation: str | None = None) -> Active:
-    """The source chosen in the sidebar, or stop the page with what to do.
-
-    `needs_evaluation` names what the page measures; for a source without test data the page then
-    explains in the main area why it cannot show anything and stops.
-    """
-    problem = st.session_state.get(PROBLEM)
-    act: Active | None = st.session_state.get(ACTIVE)
-    if problem is not None and problem["kind"] == "zoo-missing":
-        offer_zoo_build()
-        st.stop()
-    if problem is not None:
-        what = KINDS.get(problem["kind"], problem["kind"])
-        if problem["path"]:
-            st.error(f"**The {what.lower()} `{problem['path']}` cannot be used:** {problem['message']}",
-                     icon=":material/error:")
-        else:
-            st.info(f"Choose a {what.lower()} in the sidebar: {problem['message']}.", icon=":material/info:")
-        if act is None:
-            st.stop()
-        st.warning(f"Below: **{act.label}** (the last source that worked), not the one chosen in the sidebar.",
-                   icon=":material/history:")
-    if act is None:
-        st.info("Choose a model source in the sidebar: the demo zoo, a suite file or a folder of checkpoints.")
-        st.stop()
-    if needs_evaluation and not act.can_evaluate:
-        st.info(f"{needs_evaluation} needs test images and heads, which {act.label} does not have: a checkpoint "
-                "folder holds weights only. Describe the same checkpoints with a suite file (docs/suites.md) "
-                "or switch to the demo zoo in the sidebar.", icon=":material/info:")
-        st.stop()
-    return act
-
-
-# --------------------------------------------------------------------------------------------
-# Building the demo zoo from the app
-# --------------------------------------------------------------------------------------------
-
-_BUILD_LOCK = threading.Lock()
-
-
-def offer_zoo_build() -> None:
-    root = default_zoo_dir()
-    st.warning(f"The demo zoo is not built yet (looked in `{root}`).")
-    st.markdown("It is a small CLIP-style ViT fine-tuned on a few toy tasks; building it trains the experts "
-                "on this machine. Or run `python -m engine zoo build` in a terminal.")
-    if st.button("Build the demo zoo", type="primary", key="build_zoo"):
-        from engine.zoo.build import build_zoo
-
-        bar = st.progress(0.0, text="Starting…")
-        if not _BUILD_LOCK.acquire(blocking=False):
-            st.info("Another session is building the zoo; reload this page when it is done.")
-            st.stop()
-        try:
-            build_zoo(root, quick=False, progress=lambda f, msg: bar.progress(min(max(float(f), 0.0), 1.0), text=msg))
-        except MergeExplorerError as exc:
-            st.error(str(exc))
-            st.stop()
-        finally:
-            _BUILD_LOCK.release()
-        st.session_state.pop(PROBLEM, None)
-        st.rerun()

@@ -31,7 +31,7 @@ st.markdown("Fine-tuned models arrive **one at a time**; after each arrival the 
             "images, and keeps old tasks by steering the new gate away from what earlier tasks' inputs look "
             "like (its null space); the baselines merge weights as they come.")
 state.sync_url({})
-act = sources.active(needs_evaluation="Continual merging is measured on test images; it")
+act = sections.active(needs_evaluation="Continual merging is measured on test images; it")
 METHODS = continual_methods()
 LABELS = {n: m.continual_name for n, m in METHODS.items()}
 
@@ -71,40 +71,46 @@ def run_key(name: str, values: dict) -> str:
     return json.dumps([act.key, order, name, values], sort_keys=True, default=str)
 
 
-def run_all(specs: list[tuple[str, str, dict]], what: str) -> None:
-    """Run every (label, method, values) not in the store, with one progress bar over all task steps."""
+def run_all(specs: list[tuple[str, str, dict]], what: str, pressed: bool, kind: str) -> None:
+    """Run every (label, method, values) not in the store as one queue job (one progress bar over all
+    task steps); each finished run is stored as it completes, so a failure keeps the earlier ones."""
     missing = [(label, name, values) for label, name, values in specs if run_key(name, values) not in store]
-    if not missing:
+    job_key = calls.key_of(kind, [run_key(n, v) for _, n, v in missing])
+    if not missing or not calls.asked(kind, job_key, pressed):
         return
     source = act.suite.select(tasks)
     device = resolve_device("auto")  # CUDA when present, as the sidebar says
-    bar = st.progress(0.0, text=f"Starting {what}…")
-    try:
+
+    def compute(progress) -> int:
         for i, (label, name, values) in enumerate(missing):
-            def progress(fraction: float, message: str, _i=i, _label=label) -> None:
-                bar.progress(min(1.0, (_i + fraction) / len(missing)),
-                             text=f"{_label} ({_i + 1}/{len(missing)}): {message}")
+            def step(fraction: float, message: str, _i=i, _label=label) -> None:
+                progress((_i + fraction) / len(missing), f"{_label} ({_i + 1}/{len(missing)}): {message}")
 
             method = make_method(name, method_config(name, values), source.build_encoder, device=device)
             result = run_continual(source, method, order, seeds_per_class=int(values.get("seeds_per_class", 5)),
-                                   gate_stats=name == "mingle", progress=progress, device=device, limit=act.limit)
+                                   gate_stats=name == "mingle", progress=step, device=device, limit=act.limit)
             calls.remember(store, run_key(name, values), {**result.to_json(), "label": LABELS[name]}, STORE_SIZE)
+        return len(missing)
+
+    try:
+        calls.run_job(kind, job_key, compute, f"Running {what}…")
     except MergeExplorerError as exc:
-        st.error(f"{exc}. Results computed before this one are kept.", icon=":material/error:")
-    bar.empty()
+        st.error(f"{exc} Results computed before it are kept.", icon=":material/error:")
 
 
 store = calls.result_store("continual")
 specs = [(LABELS[n], n, values_for.get(n, {})) for n in method_names]
-if st.button("Run continual merging", type="primary", key="run_continual", disabled=not method_names,
-             help=f"{len(method_names)} method(s) × {len(order)} task steps; each step merges one more task and "
-                  "tests on all tasks seen so far. Progress is shown below."):
-    run_all(specs, "continual merging")
+pressed = st.button("Run continual merging", type="primary", key="run_continual", disabled=not method_names,
+                    help=f"{len(method_names)} method(s) × {len(order)} task steps; each step merges one more task "
+                         "and tests on all tasks seen so far. It runs on the server's shared queue, with progress "
+                         "and a Cancel button below.")
+run_all(specs, "continual merging", pressed, "continual")
 
 results = [store[run_key(n, v)] for _, n, v in specs if run_key(n, v) in store]
 if not results:
-    st.info("Press **Run continual merging** (MINGLE over the 8 demo tasks takes about half a minute on 2 CPU "
-            "cores; each baseline a few seconds to a minute).")
+    took = calls.measured("continual")
+    st.info("Press **Run continual merging**" + (f" (a run of the selected methods has taken {took})." if took
+                                                 else "."))
 else:
     not_run = [label for label, n, v in specs if run_key(n, v) not in store]
     if not_run:
@@ -154,9 +160,10 @@ st.subheader("How γ trades forgetting for learning")
 st.markdown("MINGLE four times with the settings above, changing only the null-space constraint: none, the hard "
             "projection (γ = 0), and the relaxed one at γ = 1 and γ = 3. A smaller γ protects old tasks more.")
 gamma_specs = [(label, "mingle", {**mingle_values, **change}) for label, change in GAMMA_VARIANTS.items()]
-if st.button("Run the γ comparison", key="run_gamma",
-             help="Four MINGLE runs over the task stream (those already run are reused); progress is shown below."):
-    run_all(gamma_specs, "the γ comparison")
+gamma_pressed = st.button("Run the γ comparison", key="run_gamma",
+                          help="Four MINGLE runs over the task stream (those already run are reused), on the server's "
+                               "shared queue with progress below.")
+run_all(gamma_specs, "the γ comparison", gamma_pressed, "continual-gamma")
 gamma_runs = {label: store[run_key(n, v)] for label, n, v in gamma_specs if run_key(n, v) in store}
 if len(gamma_runs) == len(gamma_specs):
     st.dataframe([{"variant": label, "ACC (%)": round(r["ACC"], 1),
@@ -169,4 +176,5 @@ if len(gamma_runs) == len(gamma_specs):
         "Left of the grey bar are tasks that arrived earlier: there the constraint should hold the gate down, "
         "more so for smaller γ, which is what keeps old tasks from being forgotten.")
 else:
-    st.info("Press **Run the γ comparison** (four MINGLE runs; about two minutes on the 8-task demo zoo).")
+    took = calls.measured("continual-gamma")
+    st.info("Press **Run the γ comparison** (four MINGLE runs" + (f"; it has taken {took})." if took else ")."))

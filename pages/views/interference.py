@@ -17,7 +17,7 @@ state.start_page("interference")
 st.title("Interference")
 st.markdown("Two experts **conflict** on a parameter when, after trimming, one pushes it up (τ > 0) and another "
             "pushes it down (τ < 0). Merging must then pick a side: that is interference.")
-act = sources.active()
+act = sections.active()
 
 c1, c2, c3 = st.columns([2, 1.2, 1], gap="medium")
 with c1:

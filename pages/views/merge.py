@@ -48,7 +48,7 @@ def show_ri_comparison(act: sources.Active, shown: dict, individual: dict, norma
 
 state.start_page("merge")
 st.title("Merge")
-act = sources.active()
+act = sections.active()
 methods = merge_methods()
 
 controls, results = st.columns([1, 2.2], gap="large")
@@ -114,7 +114,8 @@ with results:
         sections.budget_caption(act, report.get("n_images"))
 
         fig = figures.accuracy_bars(shown_tasks, report["per_task"], individual, pretrained,
-                                    normalized=normalized, merged_label=f"merged ({shown_label})")
+                                    normalized=normalized, merged_label=f"merged ({shown_label})",
+                                    settings=figures.settings_text(methods[shown["method"]].label, shown["config"]))
         sections.show_figure(fig, "accuracy_chart",
             "one group of bars per task. Green is the task's own expert (the best a single model got), grey the "
             "pretrained model before fine-tuning, blue the one merged model serving every task at once. The gap "

@@ -11,7 +11,7 @@ st.title("Models")
 st.markdown("One **pretrained** model θ₀ and several **experts** θₜ, each fine-tuned from θ₀ on one task. "
             "A *task vector* τₜ = θₜ − θ₀ is what fine-tuning changed; merging adds task vectors back to θ₀.")
 state.sync_url({})
-act = sources.active()
+act = sections.active()
 
 base_numel = sum(t.numel() for t in act.stack.base.values())
 base_bytes = sum(t.numel() * t.element_size() for t in act.stack.base.values())

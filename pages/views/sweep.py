@@ -21,7 +21,7 @@ st.title("Sweep")
 st.markdown("Merge the same experts at many values of one hyperparameter and watch the accuracy move. "
             "A method without that hyperparameter is drawn as a flat dashed line, for reference.")
 state.sync_url({})
-act = sources.active(needs_evaluation="A sweep measures accuracy; it")
+act = sections.active(needs_evaluation="A sweep measures accuracy; it")
 METHODS = merge_methods()
 
 
@@ -76,37 +76,38 @@ except MergeExplorerError as exc:
 variants = [(act, False)] + ([(ri_act, True)] if ri_act is not None else [])
 key = json.dumps([act.key, param, values, method_names, tasks, configs, ri_act.key if ri_act else None],
                  sort_keys=True, default=str)
-store = calls.result_store("sweep")
 run = st.button("Run sweep", type="primary", key="run_sweep", disabled=not method_names,
                 help=f"{len(values)} values × {len(method_names)} methods" + (" × 2 (with and without RI)" if ri_on
                                                                             else "")
-                     + "; progress is shown below, and changing any control stops the run.")
-if run and key not in store:
-    bar = st.progress(0.0, text="Starting the sweep…")
+                     + "; it runs on the server's shared queue, with progress and a Cancel button below.")
+
+
+def compute_sweep(progress) -> list[dict]:
+    from engine.evaluate import evaluate
+
+    results = []
+    for i, (source, is_ri) in enumerate(variants):
+        def step(f: float, msg: str, _i=i, _ri=is_ri) -> None:
+            progress((_i + f) / len(variants), ("RI-adapted experts: " if _ri else "") + msg)
+
+        for r in sweep_methods(source.subset(tasks), [METHODS[n] for n in method_names], param, values,
+                               evaluate_fn=lambda sd, s=source: evaluate(s.suite, sd, tasks=tasks, limit=s.limit),
+                               configs=configs, progress=step):
+            r.extra["ri"] = is_ri
+            results.append(r.to_json())
+    return results
+
+
+results = None
+if calls.asked("sweep", key, run):
     try:
-        from engine.evaluate import evaluate
-
-        results = []
-        for i, (source, is_ri) in enumerate(variants):
-            def progress(f: float, msg: str, _i=i, _ri=is_ri) -> None:
-                bar.progress(min(max((_i + f) / len(variants), 0.0), 1.0),
-                             text=("RI-adapted experts: " if _ri else "") + msg)
-
-            for r in sweep_methods(source.subset(tasks), [METHODS[n] for n in method_names], param, values,
-                                   evaluate_fn=lambda sd, s=source: evaluate(s.suite, sd, tasks=tasks,
-                                                                             limit=s.limit),
-                                   configs=configs, progress=progress):
-                r.extra["ri"] = is_ri
-                results.append(r)
+        results = calls.run_job("sweep", key, compute_sweep, "Sweeping…", size=STORE_SIZE)
     except MergeExplorerError as exc:
         st.error(str(exc), icon=":material/error:")
-    else:
-        calls.remember(store, key, [r.to_json() for r in results], STORE_SIZE)
-    bar.empty()
-
-results = store.get(key)
 if results is None:
-    st.info("Press **Run sweep** to merge and evaluate at every value (a few seconds on the demo zoo).")
+    took = calls.measured("sweep")
+    st.info("Press **Run sweep** to merge and evaluate at every value" + (f" (a sweep has taken {took})." if took
+                                                                             else "."))
     st.stop()
 
 ref = calls.reference_accuracies(act)

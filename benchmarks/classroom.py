@@ -1,0 +1,249 @@
+"""Classroom load: one app server, N students' browsers moving sliders at once.
+
+Starts `streamlit run app.py` on a free loopback port (the demo zoo, or --zoo DIR; a fresh cache
+folder), then drives Debian's headless Chromium through Playwright (never a downloaded browser,
+never an address other than 127.0.0.1). Two phases, in the same run:
+
+1. single session: one page on Merge (TIES), λ moved --moves times, nobody else on the server;
+2. classroom: --sessions pages at once, each opened on Merge with its own k and λ from the URL,
+   each moving its λ slider --moves times as fast as the app answers.
+
+Latency is key press -> the accuracy chart in that page shows the new λ in its title and new bars
+(what a student waits for). At the end every classroom page must show *its own* settings: the
+URL's k and λ, the chart title's, and the chart's per-task numbers equal to the engine's for that
+k and λ computed in this process (no cross-talk between sessions). Reports p50 / p95 / max per
+phase, errors seen (exception boxes, timeouts), cross-talk found, requests that left the server,
+and how many merges the server computed (its queue's log lines).
+
+    python benchmarks/classroom.py [--sessions 8] [--moves 5] [--zoo DIR] [--max-minutes 15]
+
+Bounded: at most 40 sessions and 20 moves each; the whole run stops by itself after --max-minutes
+(the server is terminated in every case).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it for the server
+
+from browser_harness import (ARTIFACTS, CHART_DATA_JS, CHART_TITLES_JS, CHARTS_DRAWN_JS, CHROMIUM,  # noqa: E402
+                             CHROMIUM_ARGS, RUN_FINISHED_JS, VIEWPORT, is_local, start_server, stop_server,
+                             wait_until_healthy)
+
+MAX_SESSIONS, MAX_MOVES = 40, 20
+STEP_TIMEOUT_MS = 120_000
+LAM_STEP = 0.05  # the λ slider's step (TiesConfig)
+LAM_LABEL = "λ (scaling)"
+# the per-task numbers of the merged model's bars in chart 0 (trace name "merged (...)")
+MERGED_BARS_JS = ("() => { const g = document.querySelectorAll('.js-plotly-plot')[0];"
+                  " const t = g && g.data && g.data.find(t => (t.name || '').startsWith('merged'));"
+                  " return t ? {x: t.x, y: t.y} : null; }")
+
+
+def settings_for(i: int) -> tuple[float, float]:
+    """Session i's own starting k and λ: all different, all inside the sliders' ranges."""
+    return float(5 + 2 * i), round(0.4 + 0.05 * (i % 9), 2)
+
+
+async def settle(page) -> None:
+    await page.wait_for_timeout(200)
+    await page.wait_for_function(RUN_FINISHED_JS, timeout=STEP_TIMEOUT_MS)
+
+
+async def title_shows(page, k: float, lam: float) -> None:
+    text = f"k = {k:g}, λ = {lam:g}:"
+    await page.wait_for_function(f"(s) => ({CHART_TITLES_JS})().some(t => t.includes(s))", arg=text,
+                                 timeout=STEP_TIMEOUT_MS)
+
+
+async def errors_on(page) -> list[str]:
+    found = []
+    if await page.locator('[data-testid="stException"]').count():
+        found.append("exception box")
+    body = await page.inner_text("body")
+    found += [f"{bad!r} on screen" for bad in ("Traceback", "Error:") if bad in body]
+    return found
+
+
+async def student(browser, server: str, i: int, moves: int, direction: str, report: dict) -> None:
+    """One browser session: open Merge with its own k and λ, move λ `moves` times, check the end state."""
+    k, lam = settings_for(i)
+    page = await browser.new_page(viewport=VIEWPORT)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    me = {"session": i, "k": k, "lam_start": lam, "latencies": [], "errors": []}
+    report["sessions"].append(me)
+    try:
+        await page.goto(f"{server}/merge?method=ties&k={k:g}&lam={lam:g}")
+        await page.wait_for_function(CHARTS_DRAWN_JS, arg=1, timeout=STEP_TIMEOUT_MS)
+        await title_shows(page, k, lam)
+        await settle(page)
+        slider = page.locator('[data-testid="stSlider"]', has_text=LAM_LABEL).locator('input[type="range"]').first
+        for _ in range(moves):
+            lam = round(lam + (LAM_STEP if direction == "ArrowRight" else -LAM_STEP), 2)
+            before = await page.evaluate(CHART_DATA_JS, 0)
+            await slider.focus()
+            t0 = time.perf_counter()
+            await slider.press(direction)
+            await title_shows(page, k, lam)
+            await page.wait_for_function(f"(b) => ({CHART_DATA_JS})(0) !== b", arg=before, timeout=STEP_TIMEOUT_MS)
+            me["latencies"].append(time.perf_counter() - t0)
+            await settle(page)
+        me["lam_end"] = lam
+        me["url"] = page.url
+        me["bars"] = await page.evaluate(MERGED_BARS_JS)
+        me["titles"] = await page.evaluate(CHART_TITLES_JS)
+        me["errors"] += await errors_on(page)
+    except Exception as exc:  # a timeout is a result here, not a crash of the benchmark
+        me["errors"].append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    finally:
+        me["outside_requests"] = [u for u in requests if not is_local(u, server)]
+        await page.close()
+
+
+def engine_numbers(zoo_dir: Path, settings: set[tuple[float, float]]) -> dict[tuple[float, float], dict]:
+    """What the engine computes for each (k, λ), in this process: the reference for cross-talk."""
+    from engine.evaluate import evaluate
+    from engine.methods import get_method
+    from engine.task_vectors import TaskVectorStack
+    from engine.zoo.suite import ZooSuite
+
+    suite = ZooSuite.load(zoo_dir)
+    stack = TaskVectorStack.from_suite(suite)
+    ties = get_method("ties")
+    out = {}
+    for k, lam in sorted(settings):
+        merged = stack.apply(ties.merge(stack, ties.config(k=k, lam=lam)))
+        out[(k, lam)] = evaluate(suite, merged).per_task
+    return out
+
+
+def cross_talk(me: dict, reference: dict) -> list[str]:
+    """Everything in which session `me`'s final page disagrees with its own settings."""
+    k, lam = me["k"], me["lam_end"]
+    wrong = []
+    if f"k={k:g}" not in me["url"] or f"lam={lam:g}" not in me["url"]:
+        wrong.append(f"URL {me['url']!r} is not k={k:g}, lam={lam:g}")
+    if not any(f"k = {k:g}, λ = {lam:g}:" in t for t in me["titles"]):
+        wrong.append(f"chart titles {me['titles'][:1]} do not name k = {k:g}, λ = {lam:g}")
+    bars, expected = me.get("bars"), reference.get((k, lam))
+    if not bars or expected is None:
+        wrong.append("no merged bars to compare")
+    else:
+        shown = dict(zip(bars["x"], bars["y"]))
+        off = {t: (shown.get(t), float(v)) for t, v in expected.items() if abs((shown.get(t) or -1) - float(v)) > 1e-6}
+        if off:
+            wrong.append(f"bars differ from the engine's for its own settings: {off}")
+    return wrong
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def summary_line(name: str, latencies: list[float]) -> str:
+    if not latencies:
+        return f"{name:<34} no samples"
+    return (f"{name:<34} p50 {statistics.median(latencies):6.2f} s   p95 {percentile(latencies, 0.95):6.2f} s   "
+            f"max {max(latencies):6.2f} s   n {len(latencies)}")
+
+
+async def run(args, server: str, log_path: Path) -> dict:
+    from playwright.async_api import async_playwright
+
+    report: dict = {"sessions": []}
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        # Warm-up, not measured: the server's first run (kernels compiled, test images and the
+        # experts' accuracies cached), as after a teacher opened the app before class.
+        warm = await browser.new_page(viewport=VIEWPORT)
+        await warm.goto(server)
+        await settle(warm)
+        await warm.goto(f"{server}/merge?method=ties")
+        await warm.wait_for_function(CHARTS_DRAWN_JS, arg=1, timeout=STEP_TIMEOUT_MS)
+        await settle(warm)
+        await warm.close()
+
+        merges_before = log_path.read_text().count("job started: merge")
+        await student(browser, server, args.sessions, args.moves, "ArrowLeft", report)  # beyond the class's range
+        single = report["sessions"].pop()
+        report["single"] = single
+        report["single_merges"] = log_path.read_text().count("job started: merge") - merges_before
+
+        merges_before = log_path.read_text().count("job started: merge")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report)
+                               for i in range(args.sessions)))
+        report["classroom_wall_s"] = time.perf_counter() - t0
+        report["classroom_merges"] = log_path.read_text().count("job started: merge") - merges_before
+        await browser.close()
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=8, help=f"concurrent browser sessions (≤ {MAX_SESSIONS})")
+    parser.add_argument("--moves", type=int, default=5, help=f"slider moves per session (≤ {MAX_MOVES})")
+    parser.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the demo zoo)")
+    parser.add_argument("--max-minutes", type=float, default=15.0, help="stop everything after this long")
+    parser.add_argument("--json", type=Path, default=ARTIFACTS / "classroom.json", help="where to write the raw figures")
+    args = parser.parse_args()
+    args.sessions = max(1, min(args.sessions, MAX_SESSIONS))
+    args.moves = max(1, min(args.moves, MAX_MOVES))
+    if not CHROMIUM.exists():
+        print(f"{CHROMIUM} not found: apt-get install -y chromium", file=sys.stderr)
+        return 2
+    from engine.zoo.manifest import default_zoo_dir
+
+    zoo_dir = (args.zoo or default_zoo_dir()).resolve()
+    if not (zoo_dir / "zoo.json").exists():
+        print(f"{zoo_dir}: no zoo.json; build the demo zoo first (python -m engine zoo build)", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="classroom-") as tmp:
+        log_path = ARTIFACTS / "classroom-server.log"
+        proc, server, log = start_server(zoo_dir, Path(tmp) / "cache", log_path, data_roots=str(zoo_dir.parent))
+        try:
+            wait_until_healthy(proc, server, log_path)
+            load = os.getloadavg()[0]
+            report = asyncio.run(asyncio.wait_for(run(args, server, log_path), timeout=args.max_minutes * 60))
+        finally:
+            stop_server(proc, log)
+
+    everyone = [report["single"], *report["sessions"]]
+    reference = engine_numbers(zoo_dir, {(s["k"], s["lam_end"]) for s in everyone if "lam_end" in s})
+    crossed = {s["session"]: cross_talk(s, reference) for s in report["sessions"] if "lam_end" in s}
+    crossed = {i: w for i, w in crossed.items() if w}
+    errors = {s["session"]: s["errors"] for s in everyone if s["errors"]}
+    outside = sorted({u for s in everyone for u in s["outside_requests"]})
+    classroom_lat = [x for s in report["sessions"] for x in s["latencies"]]
+
+    print(f"zoo: {zoo_dir}   server: {server}   CPUs: {os.cpu_count()}   load average at start: {load:.2f}")
+    print(summary_line("single session (alone)", report["single"]["latencies"]))
+    print(summary_line(f"classroom ({args.sessions} sessions × {args.moves} moves)", classroom_lat))
+    print(f"classroom wall time: {report['classroom_wall_s']:.1f} s;  merges computed: single "
+          f"{report['single_merges']}, classroom {report['classroom_merges']} "
+          f"(distinct settings asked: {args.sessions * (args.moves + 1)})")
+    print(f"errors: {sum(len(e) for e in errors.values())} {errors if errors else ''}")
+    print(f"cross-talk: {len(crossed)} session(s) {crossed if crossed else ''}")
+    print(f"requests that left the server: {len(outside)} {outside[:3] if outside else ''}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**report, "cross_talk": crossed, "outside_requests": outside,
+                                     "load_at_start": load}, indent=1, default=str))
+    return 1 if errors or crossed or outside else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
