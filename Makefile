@@ -21,6 +21,7 @@ zoo: setup
 	$(PY) -m engine zoo build
 
 app: zoo
+	$(PY) scripts/warm_up.py http://127.0.0.1:$(PORT) & \
 	$(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: setup
