@@ -40,6 +40,7 @@ PAGES = [
     st.Page("pages/views/interference.py", title="Interference", icon=":material/bolt:"),
     st.Page("pages/views/sweep.py", title="Sweep", icon=":material/monitoring:"),
     st.Page("pages/views/continual.py", title="Continual", icon=":material/timeline:"),
+    st.Page("pages/views/history.py", title="History", icon=":material/history:"),
 ]
 page = st.navigation(PAGES, position="top")
 state.remember_start_url()

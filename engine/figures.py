@@ -134,6 +134,23 @@ def accuracy_bars(
 _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
+def compared_accuracy_bars(series: Mapping[str, Mapping[str, float]]) -> go.Figure:
+    """Per-task accuracy (%) of several results side by side: one bar colour per result (e.g. runs
+    picked on the History page), tasks in first-seen order."""
+    tasks: list[str] = []
+    for acc in series.values():
+        tasks += [t for t in acc if t not in tasks]
+    fig = go.Figure()
+    for i, (name, acc) in enumerate(series.items()):
+        y = [acc.get(t) for t in tasks]
+        fig.add_bar(name=name, x=tasks, y=y, marker_color=_CYCLE[i % len(_CYCLE)],
+                    text=[None if v is None else f"{v:.0f}" for v in y], textposition="outside",
+                    hovertemplate="%{x}: %{y:.1f} %<extra>" + name + "</extra>")
+    fig.update_layout(barmode="group")
+    return _finish(fig, "Per-task accuracy of the compared runs", "task", "top-1 accuracy (%)",
+                   yaxis_range=[0, 105])
+
+
 def layer_of(tensor_name: str) -> str:
     """Group a canonical tensor name into a layer label.
 

@@ -16,6 +16,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from warm_up import warm_up  # noqa: E402  (the same warm-up `make app` does)
+
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -59,18 +62,23 @@ def start_server(zoo_root: Path, cache: Path, log_path: Path, data_roots: str | 
     return proc, f"http://127.0.0.1:{port}", log
 
 
-def wait_until_healthy(proc, url: str, log_path: Path) -> None:
+def wait_until_healthy(proc, url: str, log_path: Path, warm: bool = True) -> None:
+    """Until the server answers; then, as `make app` does (scripts/warm_up.py), run the app once."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while True:
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                 if r.status == 200:
-                    return
+                    break
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"streamlit did not start: {log_path.read_text()[-2000:]}")
         time.sleep(0.2)
+    if warm:
+        answer = warm_up(url)
+        if answer != "ok":
+            raise RuntimeError(f"the app's warm-up run said {answer!r}: {log_path.read_text()[-2000:]}")
 
 
 def stop_server(proc, log) -> None:
@@ -169,3 +177,11 @@ def nudge_slider(page, label: str, key: str, times: int) -> list[float]:
         latencies.append(time.perf_counter() - t0)
         settle(page)
     return latencies
+
+
+def download(page, button: str, path: Path) -> Path:
+    """Click the download button named `button` and save what it sends to `path`."""
+    with page.expect_download() as download_info:
+        page.get_by_role("button", name=button).click()
+    download_info.value.save_as(str(path))
+    return path

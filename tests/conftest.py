@@ -2,7 +2,14 @@
 on 2 CPU cores) in a temporary folder; page, CLI and method tests all evaluate against it."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Every run the tests record (CLI commands, app pages, servers they start) goes to a run store of the
+# test session's own, never a user's ~/.local/share/merge-explorer.
+os.environ["MERGE_EXPLORER_HOME"] = tempfile.mkdtemp(prefix="merge-explorer-test-home-")
 
 
 @pytest.fixture(scope="session")

@@ -104,7 +104,7 @@ def zoo_root_tasks(quick_zoo) -> list[str]:
 
 def test_every_page_renders_without_exceptions(app):
     at = open_page(app)
-    for page in ("merge", "interference", "sweep", "continual", "models"):
+    for page in ("merge", "interference", "sweep", "continual", "history", "models"):
         at.switch_page(f"pages/views/{page}.py").run()
         assert_clean(at)
         assert not at.error, [e.value for e in at.error]
@@ -758,3 +758,92 @@ def test_a_path_outside_the_allowed_folders_is_refused_in_the_page(app, tmp_path
         at.sidebar.text_input(key="w.sidebar.folder").input(path).run()
         assert_clean(at)
         assert at.error and "MERGE_EXPLORER_DATA" in at.error[0].value, path
+
+
+# --------------------------------------------------------------------------- History (run store)
+
+
+@pytest.fixture
+def own_history(tmp_path, monkeypatch) -> Path:
+    """A run store of this test's own (the app opens the store of the current MERGE_EXPLORER_HOME)."""
+    monkeypatch.setenv("MERGE_EXPLORER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def reopen_after_restart(at: AppTest, page: str) -> AppTest:
+    """Open `at`'s current link in a new session after what a server restart does to results: every
+    in-memory store is gone, the run store stays."""
+    from pages.ui import calls
+
+    link = {k: qp(at, k) for k in at.query_params}
+    calls.result_store.clear()
+    again = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    for k, v in link.items():
+        again.query_params[k] = v
+    again.run()
+    again.switch_page(f"pages/views/{page}.py").run()
+    assert_clean(again)
+    return again
+
+
+def test_history_compares_two_merges_and_names_exactly_the_differing_settings(app, own_history):
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("ties").run()
+    at.slider(key="w.merge.ties.k").set_value(12.0).run()
+    at.slider(key="w.merge.ties.k").set_value(37.0).run()
+    at.switch_page("pages/views/history.py").run()
+    assert_clean(at)
+    listed = table(at)
+    assert [r["run"].split(" ", 1)[1] for r in listed[:2]] == ["TIES-Merging, k = 37, λ = 1",
+                                                              "TIES-Merging, k = 12, λ = 1"]
+    ids = [str(r["run"].split(" ", 1)[0][1:]) for r in listed[:2]]
+    at.multiselect(key="w.history.history_runs").set_value(ids).run()
+    assert_clean(at)
+    fig = chart(at, "history_compare_chart")
+    assert len(fig["data"]) == 2 and {t["name"].split(" ", 1)[1] for t in fig["data"]} == {
+        "TIES-Merging, k = 37, λ = 1", "TIES-Merging, k = 12, λ = 1"}
+    diff = table(at, 1)
+    assert {r["setting"] for r in diff if r["differs"]} == {"k"}
+    assert {"lam", "method", "source", "source fingerprint"} <= {r["setting"] for r in diff if not r["differs"]}
+    assert any("differ: k" in m.value for m in at.markdown)
+    assert qp(at, "runs") == ",".join(ids)
+
+
+def test_a_run_can_be_named_pinned_and_deleted(app, own_history):
+    from engine.runs import RunStore
+
+    at = open_page(app, "merge")
+    at.radio(key="w.merge.method").set_value("ties").run()
+    at.slider(key="w.merge.ties.k").set_value(14.0).run()
+    at.slider(key="w.merge.ties.k").set_value(16.0).run()
+    store = RunStore(own_history / "runs.sqlite")
+    older = store.runs()[-1]
+    at.switch_page("pages/views/history.py").run()
+    at.multiselect(key="w.history.history_runs").set_value([str(older.id)]).run()
+    at.text_input(key=f"history_name_{older.id}").input("lesson 1").run()
+    at.toggle(key=f"history_pin_{older.id}").set_value(True).run()
+    assert_clean(at)
+    assert table(at)[0]["run"] == f"#{older.id} lesson 1" and table(at)[0][""] == "📌"
+    at.button(key=f"history_delete_{older.id}").click().run()
+    assert_clean(at)
+    assert older.id not in [r.id for r in store.runs()] and len(store.runs()) == 1
+
+
+def test_a_sweep_link_opened_after_a_restart_shows_its_stored_result(app, own_history):
+    at = open_page(app, "sweep")
+    at.multiselect(key="w.sweep.methods").set_value(["task-arithmetic"]).run()
+    at.slider(key="w.sweep.points").set_value(2).run()
+    at.button(key="run_sweep").click().run()
+    first = chart(at, "sweep_chart")
+    again = reopen_after_restart(at, "sweep")
+    assert not any("Press **Run sweep**" in i.value for i in again.info)
+    assert chart(again, "sweep_chart")["data"][0]["y"] == first["data"][0]["y"]
+
+
+def test_a_continual_link_opened_after_a_restart_shows_its_stored_result(app, own_history):
+    at = continual_page(app, ["task-arithmetic"])
+    at.button(key="run_continual").click().run()
+    first = chart(at, "seen_average_chart")
+    again = reopen_after_restart(at, "continual")
+    assert not any("Press **Run continual merging**" in i.value for i in again.info)
+    assert chart(again, "seen_average_chart")["data"][0]["y"] == first["data"][0]["y"]

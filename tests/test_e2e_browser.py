@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from browser_harness import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, VIEWPORT, assert_no_error_text,
-                             assert_only_local, chart_data, chart_titles, go, nudge_slider, settle, shot,
+                             assert_only_local, chart_data, chart_titles, download, go, nudge_slider, settle, shot,
                              start_server, stop_server, wait_for_charts, wait_for_images, wait_for_url_param,
                              wait_until_healthy, watch_requests)
 
@@ -85,10 +85,7 @@ def test_ties_merge_and_interference_in_chromium(server, browser):
     shot(page, "2-merge-ties")
 
     # the merged checkpoint downloads as a safetensors file that says how it was made
-    with page.expect_download() as download_info:
-        page.get_by_role("button", name="Download merged checkpoint (.safetensors)").click()
-    merged_path = ARTIFACTS / "e2e-merged.safetensors"
-    download_info.value.save_as(str(merged_path))
+    merged_path = download(page, "Download merged checkpoint (.safetensors)", ARTIFACTS / "e2e-merged.safetensors")
     from safetensors import safe_open
 
     with safe_open(str(merged_path), "pt") as f:
@@ -206,7 +203,9 @@ def test_continual_and_ri_in_chromium(server, browser):
 
 def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser, tmp_path):
     """From the very first paint, the sidebar navigation is the app's own (Models, Merge, …): never
-    Streamlit's legacy list of script files (app, shared, merge, …)."""
+    Streamlit's legacy list of script files (app, shared, merge, …). The first visitor of a freshly
+    started server arrives by a shared deep link, as a student does, and gets that page without a
+    "Page not found" box."""
     log_path = ARTIFACTS / "e2e-fresh.log"
     proc, url, log = start_server(Path(getattr(quick_zoo, "root", quick_zoo)), tmp_path / "cache", log_path)
     try:
@@ -221,13 +220,16 @@ def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser
             }).observe(document, {subtree: true, childList: true, characterData: true});
         """)
         wait_until_healthy(proc, url, log_path)
-        page.goto(url)
+        page.goto(f"{url}/merge?method=ties&k=33")
         page.get_by_text("experts from the demo zoo").wait_for(timeout=STEP_TIMEOUT_MS)
         settle(page)
+        wait_for_charts(page, 1)
+        assert page.get_by_text("Page not found").count() == 0
+        assert any("k = 33" in t for t in chart_titles(page)), chart_titles(page)
         seen = set(page.evaluate("() => Array.from(window.__navSeen)"))
         assert seen, "no navigation was drawn"
-        assert seen <= {"Models", "Merge", "Interference", "Sweep", "Continual"}, seen
-        assert not seen & {"app", "shared", "merge", "models", "sweep", "continual", "interference"}, seen
+        assert seen <= {"Models", "Merge", "Interference", "Sweep", "Continual", "History"}, seen
+        assert not seen & {"app", "shared", "merge", "models", "sweep", "continual", "interference", "history"}, seen
         page.close()
     finally:
         stop_server(proc, log)
@@ -286,3 +288,46 @@ def test_eight_sessions_on_the_same_settings_share_one_merge(server, browser):
         page.close()
     assert len(averages) == 1, averages
     assert log.read_text().count("job started: merge") - before == 1
+
+
+def test_history_lists_a_merge_compares_and_exports_an_offline_report(server, browser, tmp_path):
+    """A merge made on Merge appears on History; two runs compare side by side; the exported report
+    opens in Chromium with every figure drawn and without a single request."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    requests = watch_requests(page)
+    for k in (23, 29):  # settings no other test uses
+        page.goto(f"{server}/merge?method=ties&k={k}&lam=0.9")
+        settle(page)
+        wait_for_charts(page, 1)
+    go(page, "History")
+    # the run table is a canvas grid: its cells exist in the page for screen readers, not as visible text
+    page.get_by_text("TIES-Merging, k = 29, λ = 0.9").first.wait_for(state="attached")
+    assert page.get_by_text("TIES-Merging, k = 23, λ = 0.9").count() >= 1
+    picker = page.locator('[data-testid="stMultiSelect"]', has_text="Runs to compare")
+    for k in (29, 23):
+        picker.locator("input").first.click()
+        page.get_by_role("option", name=f"TIES-Merging, k = {k}, λ = 0.9").first.click()
+        settle(page)
+    page.keyboard.press("Escape")
+    wait_for_charts(page, 1)
+    assert any("compared runs" in t for t in chart_titles(page)), chart_titles(page)
+    assert page.get_by_text("differ: k").count() >= 1
+    assert_no_error_text(page)
+    shot(page, "11-history-compare")
+
+    report = download(page, "Export 2 runs as an HTML report", tmp_path / "report.html")
+    page.close()
+    assert_only_local(requests, server)
+
+    offline = browser.new_page(viewport={"width": 1200, "height": 1600})
+    seen = watch_requests(offline)
+    offline.goto(report.as_uri())
+    n_divs = offline.locator(".plotly-graph-div").count()
+    assert n_divs == 3  # the comparison and each run's bars
+    offline.wait_for_function("(n) => Array.from(document.querySelectorAll('.plotly-graph-div'))"
+                              ".filter(g => g.data && g.querySelector('.main-svg')).length === n", arg=n_divs)
+    assert [u for u in seen if not u.startswith("file://")] == []
+    assert offline.get_by_text("reopen this view in the app").count() == 2
+    offline.screenshot(path=str(ARTIFACTS / "e2e-12-report.png"), full_page=True)
+    offline.close()

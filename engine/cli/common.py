@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from typing import Any
 
 
@@ -25,3 +26,25 @@ def _jsonable(value: Any) -> Any:
 
 def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(_jsonable(payload), indent=2))
+
+
+def add_record_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-record", dest="record", action="store_false",
+                        help="do not keep this run in the run store (see `python -m engine runs list`)")
+
+
+def record_run(args: argparse.Namespace, kind: str, result: dict[str, Any], **fields: Any) -> int | None:
+    """Keep the run in the run store unless --no-record; a store that cannot be written costs a
+    one-line warning, never the result already printed."""
+    if not getattr(args, "record", True):
+        return None
+    import sqlite3
+
+    from ..errors import MergeExplorerError
+    from ..runs import RunStore
+
+    try:
+        return RunStore().record(kind, _jsonable(result), origin="cli", **fields)
+    except (MergeExplorerError, OSError, sqlite3.Error) as exc:
+        print(f"warning: run not recorded: {exc}", file=sys.stderr)
+        return None

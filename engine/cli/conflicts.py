@@ -5,9 +5,10 @@ import argparse
 
 from ..analysis.conflicts import DEFAULT_K_GRID, sign_conflicts
 from ..device import resolve_device, resolve_dtype
+from ..runs import describe_source
 from ..task_vectors import TaskVectorStack
 from ..trim import TRIM_SCOPES
-from .common import add_device_arguments, print_json
+from .common import add_device_arguments, add_record_argument, print_json, record_run
 from .sources_args import add_source_arguments, source_from_args
 
 
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
                         help="k values (%%) for the conflict-vs-k curve (default 5 10 ... 100)")
     parser.add_argument("--json", action="store_true", help="print a JSON result instead of a summary")
     add_device_arguments(parser)
+    add_record_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -35,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
     report = sign_conflicts(stack, k=args.k, trim=args.trim, k_grid=args.k_grid)
     if args.json:
         print_json(report.to_json())
+    record_run(args, "conflicts", report.to_json(), config={"k": args.k, "trim": args.trim},
+               source=describe_source(source), device=str(stack.device) if hasattr(stack, "device") else None)
+    if args.json:
         return 0
     o = report.overall
     print(f"Sign conflicts of {len(report.tasks)} task vectors trimmed to the top {report.k:g} % ({report.trim}):")

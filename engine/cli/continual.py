@@ -15,7 +15,8 @@ from ..continual import make_method, run_continual, summarize, task_order
 from ..device import resolve_device
 from ..errors import ConfigError
 from ..methods import continual_methods, get_continual_method
-from .common import print_json
+from ..runs import describe_source
+from .common import add_record_argument, print_json, record_run
 from .method_args import add_config_arguments, given_values
 from .sources_args import add_suite_arguments, suite_from_args
 
@@ -45,6 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared CPU a second OpenMP thread mostly waits)")
     parser.add_argument("--json", action="store_true", help="print the full JSON result")
+    add_record_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -83,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         results[seed] = run_continual(source, factory(), order, seeds_per_class=args.seeds_per_class, seed=args.seed,
                                       eval_batch_size=args.eval_batch_size, device=args.device, limit=args.limit,
                                       gate_stats=gates)
+        record_run(args, "continual", results[seed].to_json(), method=args.method,
+                   config={**_method_values(args, spec.continual_config_cls), "order_seed": seed},
+                   source=describe_source(source, args.limit), device=str(args.device),
+                   timings=results[seed].timings)
         if not args.json:
             r = results[seed]
             bwt = "n/a" if r.BWT is None else f"{r.BWT:+.1f}"

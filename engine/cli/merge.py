@@ -9,8 +9,9 @@ from ..errors import ConfigError
 from ..evaluate import evaluate
 from ..merged import provenance, write_merged
 from ..methods import config_dict
+from ..runs import describe_source
 from ..task_vectors import TaskVectorStack
-from .common import add_device_arguments, print_json
+from .common import add_device_arguments, add_record_argument, print_json, record_run
 from .method_args import add_method_arguments, method_and_config
 from .sources_args import add_source_arguments, source_from_args
 
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
                         help="with --zoo or --suite: report per-task accuracy of the merge")
     parser.add_argument("--json", action="store_true", help="print a JSON result instead of a summary")
     add_device_arguments(parser)
+    add_record_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -90,4 +92,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  average accuracy {acc['average']:.1f} %, normalized {acc['normalized_average']:.3f}")
             for task, pct in acc["per_task"].items():
                 print(f"    {task:>16}: {pct:5.1f} %")
+    if "accuracy" in result:  # a merge with its evaluation is a run worth keeping
+        record_run(args, "merge", {**result["accuracy"], "tasks": source.tasks}, method=method.name,
+                   config=config_dict(config), source=describe_source(source, args.limit), device=str(device),
+                   timings=result["timings"])
     return 0

@@ -8,9 +8,10 @@ from ..adapted import check_out_dir, write_adapted_suite_file, write_adapted_zoo
 from ..device import resolve_device
 from ..methods.base import validate_config
 from ..methods.ri import RIConfig, adapt_suite, xi_before_after
+from ..runs import describe_source
 from ..suite_file import load_suite_file
 from ..zoo.suite import ZooSuite
-from .common import print_json
+from .common import add_record_argument, print_json, record_run
 from .method_args import add_field_argument
 from .sources_args import add_suite_arguments, suite_from_args
 
@@ -33,6 +34,7 @@ def register(subparsers) -> None:
                         help="skip measuring ξ of the Task Arithmetic merge before and after")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print a JSON result instead of a summary")
+    add_record_argument(parser)
     parser.set_defaults(handler=run)
 
 
@@ -52,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     if args.xi:
         result.xi_task_arithmetic = xi_before_after(suite, adapted_suite, limit=args.limit)
     payload = result.to_json()
+    record_run(args, "ri", payload, method="ri", config=dataclasses.asdict(config),
+               source=describe_source(suite, args.limit), device=str(device), timings=payload.get("timings"))
     if args.json:
         print_json(payload)
         return 0

@@ -10,22 +10,31 @@ queue, the running job's progress and a Cancel button.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sqlite3
+import time
 import uuid
 from collections import OrderedDict
 from typing import Any, Callable
 
 import streamlit as st
 
+from engine.device import resolve_device
 from engine.errors import MergeExplorerError
 from engine.jobs import CANCELLED, DONE, DROPPED, FAILED, QUEUED, Job, shared_queue
 from engine.methods import get_method
+from engine.runs import KINDS as RUN_KINDS
+from engine.runs import RunStore, describe_source
+from engine.runs import default_path as default_run_store_path
 
 from .sources import Active
+from .state import current_view
 
 Progress = Callable[[float, str], None]
 OWNER = "job_owner"
 POLL_S = 0.5
+log = logging.getLogger("engine.runs")
 
 
 def wait_s() -> float:
@@ -56,6 +65,66 @@ def key_of(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
 
+def run_store() -> RunStore | None:
+    """The server's run store (engine.runs), or None when its file cannot be used (the app then
+    works without history and says so on the History page)."""
+    return _open_run_store(str(default_run_store_path()))
+
+
+@st.cache_resource(max_entries=4)
+def _open_run_store(path: str) -> RunStore | None:
+    try:
+        return RunStore(path)
+    except (MergeExplorerError, OSError, sqlite3.Error) as exc:
+        log.warning("run history is off: %s", exc)
+        return None
+
+
+@st.cache_resource(max_entries=64)
+def _source_record(source_key: str, _act: Active) -> dict[str, Any]:
+    return describe_source(_act.source, _act.limit)
+
+
+def source_record(act: Active) -> dict[str, Any]:
+    """How runs name `act` (kind, path, content fingerprint, image budget); computed once per source."""
+    return _source_record(act.key, act)
+
+
+def record_run(store: RunStore | None, kind: str, key: str, result: Any, act: Active, *, method: str | None = None,
+               config: dict[str, Any] | None = None, view: str | None = None, seconds: float | None = None,
+               source: dict[str, Any] | None = None) -> None:
+    """Keep a computed result in the run store (History page, links that survive a restart). Safe
+    in a worker thread when `source` is given; a store that cannot be written costs a log line."""
+    if store is None:
+        return
+    try:
+        store.record(kind, result, method=method, config=config, source=source or source_record(act),
+                     device=resolve_device("auto").type, timings={"total_s": seconds} if seconds else {}, key=key,
+                     origin="app", view=view)
+    except (MergeExplorerError, OSError, sqlite3.Error) as exc:
+        log.warning("run not recorded: %s", exc)
+
+
+# How a stored run's result becomes the value the page keeps (a sweep is stored with its references).
+_FROM_RUN = {"sweep": lambda result: result["results"]}
+
+
+def stored_result(kind: str, key: str) -> Any:
+    """A result computed before with the same inputs: from this server's memory, else (for the kinds
+    the run store keeps) from the run store, so a link opened after a restart shows its result at
+    once. None when there is none."""
+    store = result_store(kind)
+    if key in store:
+        return store[key]
+    runs = run_store() if kind in RUN_KINDS else None
+    found = runs.latest(kind, key) if runs is not None else None
+    if found is None:
+        return None
+    value = _FROM_RUN.get(kind, lambda result: result)(found.result)
+    remember(store, key, value)
+    return value
+
+
 def session_owner() -> str:
     """This browser session's identity in the work queue."""
     if OWNER not in st.session_state:
@@ -80,22 +149,30 @@ def _status_text(job: Job, text: str) -> str:
 
 
 def run_job(kind: str, key: str, compute: Callable[[Progress], Any], text: str, *, lane: str = "batch",
-            size: int = 256) -> Any:
+            size: int = 256, record: Callable[[Any, float], None] | None = None) -> Any:
     """The stored result for `key`, else the result of `compute(progress)` run as a queue job.
 
     While the job is queued or running the page shows where it stands with a Cancel button; the
     run waits up to `wait_s()` for it, then hands over to a small status fragment that polls the
-    job and reruns the page when it has finished.
+    job and reruns the page when it has finished. With `record`, a result is also looked up in the
+    run store first, and a newly computed one is kept there by `record(value, seconds)`.
     """
     store = result_store(kind)
     if key in store:
         store.move_to_end(key)
         return store[key]
+    if record is not None:
+        earlier = stored_result(kind, key)
+        if earlier is not None:
+            return earlier
     queue, owner = shared_queue(), session_owner()
 
     def job_fn(progress: Progress) -> Any:
+        start = time.perf_counter()
         value = compute(progress)
         remember(store, key, value, size)  # for every session, even if the asker has gone
+        if record is not None:
+            record(value, time.perf_counter() - start)
         return value
 
     job = queue.submit(key, job_fn, owner=owner, kind=kind, label=text, lane=lane)
@@ -122,7 +199,7 @@ def asked(kind: str, key: str, pressed: bool) -> bool:
     wanted = st.session_state.setdefault("asked", set())
     if pressed:
         wanted.add(key)
-    return key in wanted or key in result_store(kind)
+    return key in wanted or stored_result(kind, key) is not None
 
 
 def _outcome(job: Job, text: str) -> Any:
@@ -175,8 +252,18 @@ def merge_report(act: Active, tasks: list[str], method_name: str, config: dict[s
         merged = stack.apply(method.merge(stack, method.config(**config)))
         return evaluate(act.suite, merged, tasks=tasks, limit=act.limit, progress=progress).to_json()
 
-    return run_job("merge", key_of(act.key, tasks, method_name, config), compute,
-                   "Merging and measuring accuracy on every task…", lane="interactive")
+    key = key_of(act.key, tasks, method_name, config)
+    runs, references, source, view = run_store(), result_store("reference"), source_record(act), current_view()
+
+    def record(value: dict[str, Any], seconds: float) -> None:
+        reference = references.get(key_of(act.key))  # the experts' and θ_0's accuracies, when measured
+        if reference is not None:
+            reference = {part: {t: v for t, v in reference[part].items() if t in tasks} for part in reference}
+        record_run(runs, "merge", key, {**value, "tasks": tasks, "reference": reference}, act, method=method_name,
+                   config=config, view=view, seconds=seconds, source=source)
+
+    return run_job("merge", key, compute, "Merging and measuring accuracy on every task…", lane="interactive",
+                   record=record)
 
 
 def reference_accuracies(act: Active) -> dict[str, dict[str, float]]:
@@ -227,7 +314,22 @@ def interference_report(act: Active, tasks: list[str], method_name: str, config:
 def conflict_report(source_key: str, tasks: tuple[str, ...], k: float, trim: str, _active: Active) -> dict[str, Any]:
     from engine.analysis.conflicts import sign_conflicts
 
-    return sign_conflicts(_active.subset(list(tasks)), k=float(k), trim=trim).to_json()
+    start = time.perf_counter()
+    report = sign_conflicts(_active.subset(list(tasks)), k=float(k), trim=trim).to_json()
+    # the History page lists every analysis this server made (once per setting: the result is cached)
+    record_run(run_store(), "conflicts", key_of(source_key, tasks, k, trim), report, _active,
+               config={"k": float(k), "trim": trim, "tasks": list(tasks)}, view=current_view(),
+               seconds=time.perf_counter() - start)
+    return report
+
+
+def record_once(kind: str, key: str, make_result: Callable[[], dict[str, Any]], act: Active, **fields: Any) -> None:
+    """Record a result the page assembled from others (e.g. the RI comparison) once per inputs."""
+    if stored_result(kind, key) is not None:
+        return
+    result = make_result()
+    remember(result_store(kind), key, result)
+    record_run(run_store(), kind, key, result, act, view=current_view(), **fields)
 
 
 @st.cache_data(show_spinner="Histogramming the task vector…", max_entries=256)

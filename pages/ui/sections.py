@@ -147,7 +147,7 @@ def ri_active(act: Active, values: dict[str, Any]) -> Active:
     adapted = cached_adapted(act.suite, config)
     if adapted is None:
         key = calls.key_of("ri", act.key, values)
-        adapted = calls.run_job("ri", key, lambda progress: ensure_adapted(act.suite, config, progress=progress),
+        adapted = calls.run_job("ri-adapt", key, lambda progress: ensure_adapted(act.suite, config, progress=progress),
                                 "Adapting every expert with RI (first time only; kept in the cache)…")
     key = hashlib.sha1(f"{act.key}|ri|{sorted(values.items())}".encode()).hexdigest()[:16]
     return Active(kind=act.kind, path=act.path, label=f"{act.label} (RI-adapted experts)",

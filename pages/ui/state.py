@@ -8,6 +8,7 @@ source's own parameters (`source`, `suite`, `folder`, `limit`) are always kept i
 from __future__ import annotations
 
 from typing import Any, Callable
+from urllib.parse import urlencode
 
 import streamlit as st
 
@@ -124,3 +125,10 @@ def sync_url(params: dict[str, Any]) -> None:
     wanted = {k: _url_string(v) for k, v in {**source_url_params(), **params}.items() if v is not None}
     if dict(st.query_params) != wanted:
         st.query_params.from_dict(wanted)
+
+
+def current_view() -> str:
+    """This page and its settings as a link path ("merge?method=ties&k=20"): what reopens the view."""
+    page = st.session_state.get(PAGE_KEY) or ""
+    query = urlencode(dict(st.query_params))
+    return page + (f"?{query}" if query else "")

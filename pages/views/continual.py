@@ -74,12 +74,14 @@ def run_key(name: str, values: dict) -> str:
 def run_all(specs: list[tuple[str, str, dict]], what: str, pressed: bool, kind: str) -> None:
     """Run every (label, method, values) not in the store as one queue job (one progress bar over all
     task steps); each finished run is stored as it completes, so a failure keeps the earlier ones."""
-    missing = [(label, name, values) for label, name, values in specs if run_key(name, values) not in store]
+    missing = [(label, name, values) for label, name, values in specs
+               if calls.stored_result("continual", run_key(name, values)) is None]
     job_key = calls.key_of(kind, [run_key(n, v) for _, n, v in missing])
     if not missing or not calls.asked(kind, job_key, pressed):
         return
     source = act.suite.select(tasks)
     device = resolve_device("auto")  # CUDA when present, as the sidebar says
+    runs, run_source, view = calls.run_store(), calls.source_record(act), state.current_view()
 
     def compute(progress) -> int:
         for i, (label, name, values) in enumerate(missing):
@@ -89,7 +91,12 @@ def run_all(specs: list[tuple[str, str, dict]], what: str, pressed: bool, kind: 
             method = make_method(name, method_config(name, values), source.build_encoder, device=device)
             result = run_continual(source, method, order, seeds_per_class=int(values.get("seeds_per_class", 5)),
                                    gate_stats=name == "mingle", progress=step, device=device, limit=act.limit)
-            calls.remember(store, run_key(name, values), {**result.to_json(), "label": LABELS[name]}, STORE_SIZE)
+            value = {**result.to_json(), "label": LABELS[name]}
+            calls.remember(store, run_key(name, values), value, STORE_SIZE)
+            calls.record_run(runs, "continual", run_key(name, values), value, act, method=name,
+                             config={**values, "order_seed": order_seed, "tasks": tasks}, view=view,
+                             seconds=result.timings["merge_total_s"] + result.timings["eval_total_s"],
+                             source=run_source)
         return len(missing)
 
     try:
@@ -106,13 +113,14 @@ pressed = st.button("Run continual merging", type="primary", key="run_continual"
                          "and a Cancel button below.")
 run_all(specs, "continual merging", pressed, "continual")
 
-results = [store[run_key(n, v)] for _, n, v in specs if run_key(n, v) in store]
+stored = {run_key(n, v): calls.stored_result("continual", run_key(n, v)) for _, n, v in specs}
+results = [stored[run_key(n, v)] for _, n, v in specs if stored[run_key(n, v)] is not None]
 if not results:
     took = calls.measured("continual")
     st.info("Press **Run continual merging**" + (f" (a run of the selected methods has taken {took})." if took
                                                  else "."))
 else:
-    not_run = [label for label, n, v in specs if run_key(n, v) not in store]
+    not_run = [label for label, n, v in specs if stored[run_key(n, v)] is None]
     if not_run:
         st.caption("Not run yet with these settings: " + ", ".join(not_run) + " (press the button).")
     st.dataframe([{"method": r["label"], "ACC (%)": round(r["ACC"], 1),
@@ -164,7 +172,7 @@ gamma_pressed = st.button("Run the γ comparison", key="run_gamma",
                           help="Four MINGLE runs over the task stream (those already run are reused), on the server's "
                                "shared queue with progress below.")
 run_all(gamma_specs, "the γ comparison", gamma_pressed, "continual-gamma")
-gamma_runs = {label: store[run_key(n, v)] for label, n, v in gamma_specs if run_key(n, v) in store}
+gamma_runs = {label: r for label, n, v in gamma_specs if (r := calls.stored_result("continual", run_key(n, v)))}
 if len(gamma_runs) == len(gamma_specs):
     st.dataframe([{"variant": label, "ACC (%)": round(r["ACC"], 1),
                    "BWT (points)": None if r["BWT"] is None else round(r["BWT"], 2)}

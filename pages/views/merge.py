@@ -42,6 +42,11 @@ def show_ri_comparison(act: sources.Active, shown: dict, individual: dict, norma
         "ξ_t: on task t's test images and under its head, how far the merged model's predicted probabilities are "
         "from the original expert's (KL divergence, 0 = identical). Both bars compare to the original experts, "
         "the models one wanted to merge; lower is less interference.")
+    calls.record_once("ri", calls.key_of(ri_act.key, tasks_, shown["method"], shown["config"]),
+                      lambda: {"tasks": tasks_, "with_ri": with_ri, "without_ri": without, "xi": xi,
+                               "reference": {"individual": individual}, "ri": shown["ri"]},
+                      act, method=shown["method"], config={**shown["config"], **{f"ri.{k}": v for k, v in
+                                                                                   (shown["ri"] or {}).items()}})
     st.page_link("pages/views/sweep.py", label="Accuracy vs λ with and without RI: Sweep page, same switch",
                  icon=":material/monitoring:")
 

@@ -98,10 +98,22 @@ def compute_sweep(progress) -> list[dict]:
     return results
 
 
+runs, sweep_source, view = calls.run_store(), calls.source_record(act), state.current_view()
+
+
+def record_sweep(value: list[dict], seconds: float) -> None:
+    reference = calls.result_store("reference").get(calls.key_of(act.key))
+    calls.record_run(runs, "sweep", key, {"results": value, "reference": reference}, act, method=",".join(method_names),
+                     config={"param": param, "from": value_range[0], "to": value_range[1], "points": n_points,
+                             "ri": ri_values if ri_on else None, **{f"{m}.{k}": v for m, c in configs.items()
+                                                                   for k, v in c.items()}},
+                     view=view, seconds=seconds, source=sweep_source)
+
+
 results = None
 if calls.asked("sweep", key, run):
     try:
-        results = calls.run_job("sweep", key, compute_sweep, "Sweeping…", size=STORE_SIZE)
+        results = calls.run_job("sweep", key, compute_sweep, "Sweeping…", size=STORE_SIZE, record=record_sweep)
     except MergeExplorerError as exc:
         st.error(str(exc), icon=":material/error:")
 if results is None:
