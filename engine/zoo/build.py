@@ -1,6 +1,6 @@
 """Build the demo zoo: pretrain a tiny CLIP vision tower, fine-tune one expert per task, measure.
 
-The recipe is the TIES / MINGLE setting in miniature (methods.md §2-4, §6.4, §7):
+The recipe is the TIES / MINGLE setting in miniature (docs/methods.md; the search behind it: docs/zoo-recipe.md):
 
 1. **Pretraining ("CLIP").** An open_clip `VisionTransformer` (ViT-B/32's code path and parameter
    names; 32x32 input, 8x8 patches, 17 tokens) learns from a generic pool of photo crops and
@@ -15,7 +15,12 @@ The recipe is the TIES / MINGLE setting in miniature (methods.md §2-4, §6.4, �
    normalised embeddings of those renders (as FusionBench averages normalised template embeddings,
    §6.4). Logits use CLIP's logit scale of 100. Heads are frozen for good.
 3. **Experts.** Each task fine-tunes the whole vision tower from theta_0 with its head frozen
-   (cross-entropy on logit_scale * cosine), as the task_vectors / FusionBench checkpoints were.
+   (cross-entropy on scaled cosine), as the task_vectors / FusionBench checkpoints were, plus one
+   term the big CLIP does not need: the expert's normalised embeddings of unlabeled pool images are
+   held near theta_0's (weight `finetune_anchor`). A 0.2 M-parameter tower is not weight-
+   disentangled by itself (a task vector changes its function on every input); this term makes
+   each expert change the function mainly on its own task's inputs, as a pretrained CLIP's task
+   vectors do. docs/zoo-recipe.md records the search that led here.
 4. **Measurements.** Pretrained, individual, and the merges the papers compare (simple averaging,
    Task Arithmetic lambda 0.3, TIES k 20 lambda 1 mean) through the engine's own merge methods and
    `engine.evaluate`; stored in zoo.json. Whatever ordering comes out is reported as measured.
@@ -45,6 +50,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load_file as load_numpy_file
 
 from ..checkpoints import save_safetensors
 from ..errors import MergeExplorerError
@@ -68,7 +74,7 @@ from .suite import ZooSuite
 
 # Bump whenever anything that changes the zoo's contents changes (renderers, recipe, code paths):
 # `zoo build` rebuilds a zoo whose manifest records another version.
-RECIPE_VERSION = "2026.11.22-2"
+RECIPE_VERSION = "2026.11.30-3"
 DEFAULT_SEED = 0
 
 Progress = Callable[[float, str], None]
@@ -76,7 +82,7 @@ Progress = Callable[[float, str], None]
 FINETUNE_THREADS = 1  # per expert; experts train in parallel processes
 MODEL_KWARGS = dict(image_size=task_defs.IMAGE_SIZE, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=4.0,
                     output_dim=64)
-LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) (methods.md §6.4)
+LOGIT_SCALE = 100.0  # CLIP's exp(logit_scale) (docs/methods.md, zero-shot heads)
 
 
 @dataclass(frozen=True)
@@ -98,12 +104,18 @@ class Recipe:
     prototype_variants: int = task_defs.PROTOTYPE_VARIANTS
     examples_per_class: int = 8
     processes: bool = True  # pretrain and fine-tune in child processes (passive OpenMP waiting)
+    # Function-preserving fine-tuning (docs/zoo-recipe.md): weight of the penalty that keeps the
+    # expert's normalised embeddings of unlabeled pool images where theta_0 had them (0 = off).
+    finetune_anchor: float = 0.0
+    # Logit scale of the fine-tuning loss (evaluation always uses LOGIT_SCALE = CLIP's 100).
+    finetune_logit_scale: float = 100.0
 
 
 FULL_RECIPE = Recipe(
     tasks=tuple(t.name for t in task_defs.TASKS), n_train=8000, n_test=500, pool_size=12000, pool_stored=4096,
     pretrain_steps=3000, pretrain_batch=128, pretrain_lr=2e-3, pretrain_weight_decay=0.05,
-    finetune_steps=800, finetune_batch=64, finetune_lr=2e-3, finetune_weight_decay=0.0,
+    finetune_steps=800, finetune_batch=64, finetune_lr=4e-3, finetune_weight_decay=0.0,
+    finetune_anchor=10.0, finetune_logit_scale=20.0,
 )
 # For tests and CI: four tasks, small splits, short training (no accuracy targets).
 QUICK_RECIPE = Recipe(
@@ -113,9 +125,19 @@ QUICK_RECIPE = Recipe(
     examples_per_class=4, processes=False,
 )
 
-# Point 5 of the zoo issue: the papers' qualitative setting (methods.md §7: individual 90.3,
-# zero-shot 48.2, averaging 66.5 on ViT-B/32 x 8 tasks).
-TARGETS = {"finetuned_average_min": 90.0, "pretrained_average_max": 65.0, "averaging_drop_min": 10.0}
+# The papers' shape (docs/methods.md, reported numbers; CLIP ViT-B/32 over 8 tasks: zero-shot 48.0 ->
+# averaging 65.8 -> Task Arithmetic 69-70 -> TIES 72.4, fine-tuned 90.5), as margins checked at the
+# end of every full build and stored in zoo.json. All averages in % over the zoo's tasks.
+TARGETS = {
+    "finetuned_average_min": 90.0,          # experts worth merging
+    "pretrained_average_range": [30.0, 60.0],  # a zero-shot model worth merging from
+    "averaging_gain_min": 8.0,              # averaging >= pretrained + 8
+    "task_arithmetic_over_averaging_min": 2.0,  # TA (λ 0.3) >= averaging + 2
+    "ties_over_averaging_min": 2.0,         # TIES (k 20, λ 1, mean) >= averaging + 2
+    "interference_min": 8.0,                # best of those merges <= experts - 8
+}
+# Task Arithmetic's normalised accuracy when merging the first n tasks: it should fall as n grows.
+TA_BY_N_TASKS = (2, 4, 8)
 
 # The merges measured at build time: (row name, engine method, hyperparameters).
 MERGES = (
@@ -237,10 +259,8 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, 
 def _sha256(path: Path) -> str:
     """SHA-256 of the tensors in a safetensors file (names, dtypes, shapes, bytes), not of the file:
     safetensors writes its metadata map in a random order, so equal contents can differ in bytes."""
-    from safetensors.numpy import load_file
-
     digest = hashlib.sha256()
-    for name, array in sorted(load_file(str(path)).items()):
+    for name, array in sorted(_load_arrays(path).items()):
         digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -294,12 +314,24 @@ def prototype_head(model: torch.nn.Module, task: str, variants: int) -> torch.Te
 
 
 def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, images: np.ndarray, labels: np.ndarray,
-             recipe: Recipe, seed: int, task_index: int) -> tuple[torch.nn.Module, float]:
-    """Full fine-tuning of the vision tower on one task, head frozen: CE on 100 * cosine."""
+             recipe: Recipe, seed: int, task_index: int, anchor_images: np.ndarray | None = None
+             ) -> tuple[torch.nn.Module, float]:
+    """Full fine-tuning of the vision tower on one task, head frozen: CE on scale * cosine.
+
+    With `recipe.finetune_anchor` > 0 and `anchor_images` (unlabeled pool images), each step also
+    penalises how far the normalised embeddings of a batch of them move from theta_0's: the expert
+    may change what it computes on its own task's images, but as little as it can elsewhere."""
     g = _generator(seed, 2, task_index)
     model = _new_model(seed)
-    model.load_state_dict({k.removeprefix("visual."): v for k, v in pretrained_state.items()})
+    theta0 = {k.removeprefix("visual."): v for k, v in pretrained_state.items()}
+    model.load_state_dict(theta0)
     x_all, y_all = _to_input(images), torch.from_numpy(labels)
+    anchored = recipe.finetune_anchor > 0 and anchor_images is not None
+    if anchored:
+        reference = _new_model(seed)
+        reference.load_state_dict(theta0)
+        reference.eval()
+        x_anchor, g_anchor = _normalize(_to_input(anchor_images)), _generator(seed, 3, task_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
     model.train()
     losses = []
@@ -309,7 +341,12 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
         index = torch.randint(0, len(x_all), (recipe.finetune_batch,), generator=g)
         x = _affine(x_all[index], g, scale=(0.9, 1.1), aspect=1.0, shift=0.12, keep_inside=False)
         z = F.normalize(model(_normalize(x)), dim=-1)
-        loss = F.cross_entropy(LOGIT_SCALE * z @ head.T, y_all[index])
+        loss = F.cross_entropy(recipe.finetune_logit_scale * z @ head.T, y_all[index])
+        if anchored:
+            xa = x_anchor[torch.randint(0, len(x_anchor), (recipe.finetune_batch,), generator=g_anchor)]
+            with torch.no_grad():
+                za = F.normalize(reference(xa), dim=-1)
+            loss = loss + recipe.finetune_anchor * (F.normalize(model(xa), dim=-1) - za).pow(2).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -335,7 +372,9 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
         render_s = time.perf_counter() - start
         pretrained_state = _load_open_clip(root / job["pretrained_file"])
         head = torch.from_numpy(job["head"])
-        model, loss = finetune(pretrained_state, head, train_images, train_labels, recipe, seed, job["task_index"])
+        anchor = _load_arrays(root / "data/pool.safetensors")["images"] if recipe.finetune_anchor > 0 else None
+        model, loss = finetune(pretrained_state, head, train_images, train_labels, recipe, seed, job["task_index"],
+                               anchor_images=anchor)
         _save_model(root / job["expert_file"], model, {"zoo_task": task, "role": "expert",
                                                        "recipe_version": RECIPE_VERSION, "seed": seed})
     return {"task": task, "render_s": render_s, "seconds": time.perf_counter() - start, "final_loss": loss}
@@ -411,6 +450,10 @@ def _pretrain_in_child(root: Path, recipe: Recipe, seed: int, progress: Progress
         child.join(timeout=10)
         if child.is_alive():
             child.terminate()
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    return load_numpy_file(str(path))
 
 
 def _load_open_clip(path: Path) -> dict[str, torch.Tensor]:
@@ -564,6 +607,13 @@ def _measure(zoo: Zoo, recipe: Recipe) -> tuple[dict[str, dict[str, float]], dic
         method = get_method(method_name)
         merged = stack.apply(method.merge(stack, method.config(**config)))
         table[row] = evaluate(suite, merged, device="cpu").per_task
+    ta = get_method("task-arithmetic")
+    for n in TA_BY_N_TASKS:
+        if n > len(names):
+            continue
+        first = stack.subset(names[:n])
+        per_task = evaluate(suite, first.apply(ta.merge(first, ta.config(lam=0.3))), tasks=names[:n], device="cpu").per_task
+        table[f"task_arithmetic_first_{n}"] = per_task
     return table, cross
 
 
@@ -573,29 +623,54 @@ def _finish_manifest(manifest: dict[str, Any], zoo: Zoo, table: dict[str, dict[s
     finetuned = table["finetuned"]
     rows = {}
     for row, per_task in table.items():
-        normalized = {t: per_task[t] / finetuned[t] for t in names if finetuned[t] > 0}
-        rows[row] = {"per_task": {t: round(per_task[t], 4) for t in names},
-                     "average": round(float(np.mean([per_task[t] for t in names])), 4),
+        tasks = [t for t in names if t in per_task]  # TA over the first n tasks covers only those
+        normalized = {t: per_task[t] / finetuned[t] for t in tasks if finetuned[t] > 0}
+        rows[row] = {"per_task": {t: round(per_task[t], 4) for t in tasks},
+                     "average": round(float(np.mean([per_task[t] for t in tasks])), 4),
                      "normalized": {t: round(v, 6) for t, v in normalized.items()},
                      "normalized_average": round(float(np.mean(list(normalized.values()))), 6)}
+    by_n = {n: rows.pop(f"task_arithmetic_first_{n}") for n in TA_BY_N_TASKS if f"task_arithmetic_first_{n}" in rows}
     manifest["table"] = rows
     manifest["merges"] = {row: {"method": method, "config": config} for row, method, config in MERGES}
+    manifest["task_arithmetic_by_n_tasks"] = {
+        "lam": 0.3, "order": "the zoo's task order",
+        "normalized_average": {str(n): r["normalized_average"] for n, r in by_n.items()},
+        "per_task": {str(n): r["per_task"] for n, r in by_n.items()}}
     manifest["expert_on_tasks"] = {t: {u: round(v, 4) for u, v in cross[t].items()} for t in names}
     for task in manifest["tasks"]:
         task["accuracy"] = {row: rows[row]["per_task"][task["name"]] for row in rows}
-    drop = rows["finetuned"]["average"] - rows["averaging"]["average"]
-    manifest["targets"] = {
-        **TARGETS,
-        "measured": {"finetuned_average": rows["finetuned"]["average"], "pretrained_average": rows["pretrained"]["average"],
-                     "averaging_drop": round(drop, 4)},
-        "met": {"finetuned_average": rows["finetuned"]["average"] >= TARGETS["finetuned_average_min"],
-                "pretrained_average": rows["pretrained"]["average"] <= TARGETS["pretrained_average_max"],
-                "averaging_drop": drop >= TARGETS["averaging_drop_min"]},
-        "applies": not manifest["quick"],
-    }
+    manifest["targets"] = shape_targets(rows, manifest["task_arithmetic_by_n_tasks"]["normalized_average"])
+    manifest["targets"]["applies"] = not manifest["quick"]
     manifest["build"] = {"timings_s": {k: round(v, 2) for k, v in timings.items()}, "workers": workers,
                          "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
     manifest["size_bytes"] = sum(p.stat().st_size for p in zoo.root.rglob("*") if p.is_file())
+
+
+def shape_targets(rows: dict[str, dict[str, Any]], ta_by_n: dict[str, float]) -> dict[str, Any]:
+    """Each of TARGETS with what was measured and whether it holds."""
+    avg = {row: rows[row]["average"] for row in ("finetuned", "pretrained", "averaging", "task_arithmetic", "ties")}
+    best_merge = max(avg["averaging"], avg["task_arithmetic"], avg["ties"])
+    lo, hi = TARGETS["pretrained_average_range"]
+    ns = sorted(ta_by_n, key=int)
+    measured = {
+        "finetuned_average": avg["finetuned"], "pretrained_average": avg["pretrained"],
+        "averaging_gain": round(avg["averaging"] - avg["pretrained"], 4),
+        "task_arithmetic_over_averaging": round(avg["task_arithmetic"] - avg["averaging"], 4),
+        "ties_over_averaging": round(avg["ties"] - avg["averaging"], 4),
+        "interference": round(avg["finetuned"] - best_merge, 4),
+        "task_arithmetic_normalized_by_n_tasks": {n: ta_by_n[n] for n in ns},
+    }
+    met = {
+        "finetuned_average": avg["finetuned"] >= TARGETS["finetuned_average_min"],
+        "pretrained_average": lo <= avg["pretrained"] <= hi,
+        "averaging_gain": measured["averaging_gain"] >= TARGETS["averaging_gain_min"],
+        "task_arithmetic_over_averaging":
+            measured["task_arithmetic_over_averaging"] >= TARGETS["task_arithmetic_over_averaging_min"],
+        "ties_over_averaging": measured["ties_over_averaging"] >= TARGETS["ties_over_averaging_min"],
+        "interference": measured["interference"] >= TARGETS["interference_min"],
+        "task_arithmetic_falls_with_more_tasks": all(ta_by_n[a] > ta_by_n[b] for a, b in zip(ns, ns[1:])),
+    }
+    return {**TARGETS, "measured": measured, "met": met}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -619,4 +694,8 @@ def format_table(zoo: Zoo) -> str:
         entry = zoo.table[row]
         cells = "".join(f"{entry['per_task'][n]:>{width + 1}.1f}" for n in names)
         lines.append(f"{labels.get(row, row):<26}{cells}{entry['average']:>{width + 1}.1f}")
+    by_n = (zoo.manifest.get("task_arithmetic_by_n_tasks") or {}).get("normalized_average") or {}
+    if by_n:
+        lines.append("Task Arithmetic (λ=0.3) normalised accuracy, merging the first "
+                     + " / ".join(by_n) + " tasks: " + " / ".join(f"{100 * v:.1f} %" for v in by_n.values()))
     return "\n".join(lines)

@@ -4,7 +4,7 @@ Every image is made here from what installed packages ship (scikit-learn's handw
 scikit-image's sample photographs, Pillow's built-in fonts) or drawn with Pillow. Images are
 drawn at 64x64 and box-filtered to 32x32 (`IMAGE_SIZE`) so edges are anti-aliased like a photo.
 
-Each task mirrors one of the paper benchmarks (methods.md §4.11, TA8) in miniature:
+Each task mirrors one of the paper benchmarks (docs/methods.md, the 8-task benchmark) in miniature:
 
 | task     | classes | stands in for   | what varies                                         |
 |----------|---------|-----------------|-----------------------------------------------------|
