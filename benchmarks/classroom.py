@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -107,6 +108,8 @@ async def student(browser, server: str, i: int, moves: int, direction: str, repo
         me["errors"] += await errors_on(page)
     except Exception as exc:  # a timeout is a result here, not a crash of the benchmark
         me["errors"].append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        with contextlib.suppress(Exception):  # what the student was looking at when it went wrong
+            await page.screenshot(path=str(ARTIFACTS / f"classroom-session-{i}-error.png"), full_page=True)
     finally:
         me["outside_requests"] = [u for u in requests if not is_local(u, server)]
         await page.close()
@@ -214,7 +217,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="classroom-") as tmp:
         log_path = ARTIFACTS / "classroom-server.log"
-        proc, server, log = start_server(zoo_dir, Path(tmp) / "cache", log_path, data_roots=str(zoo_dir.parent))
+        # a fresh cache and run store: every merge is computed, none is read back from earlier runs
+        proc, server, log = start_server(zoo_dir, Path(tmp) / "cache", log_path, data_roots=str(zoo_dir.parent),
+                                         env={"MERGE_EXPLORER_HOME": str(Path(tmp) / "home")})
         try:
             wait_until_healthy(proc, server, log_path)
             load = os.getloadavg()[0]

@@ -37,10 +37,17 @@ POLL_S = 0.5
 log = logging.getLogger("engine.runs")
 
 
-def wait_s() -> float:
+def wait_s(lane: str = "batch") -> float:
     """How long a page run waits for its job before it shows the queue status and polls instead (the
-    browser keeps the session alive meanwhile); a slider's merge normally finishes well within it."""
-    return float(os.environ.get("MERGE_EXPLORER_JOB_WAIT_S", "3"))
+    browser keeps the session alive meanwhile). A slider's merge (interactive lane) waits longer:
+    a few seconds in the queue behind other students' merges is better shown as the page's own
+    "running" state than handed to a polling fragment, which under heavy load could lose its
+    rerun (measured with benchmarks/classroom.py: 3 of 8 sessions stuck). MERGE_EXPLORER_JOB_WAIT_S
+    overrides both."""
+    env = os.environ.get("MERGE_EXPLORER_JOB_WAIT_S")
+    if env:
+        return float(env)
+    return 20.0 if lane == "interactive" else 3.0
 
 
 class Cancelled(MergeExplorerError):
@@ -179,7 +186,7 @@ def run_job(kind: str, key: str, compute: Callable[[Progress], Any], text: str, 
     if st.session_state.pop(_cancel_flag(key), False):
         queue.cancel(job, owner)
         raise Cancelled(f"Cancelled: {text.rstrip('…. ')}. Nothing was changed.")
-    if not job.wait(wait_s()):
+    if not job.wait(wait_s(lane)):
         _waiting(job, key, text)  # stops this run; the fragment reruns the page when the job is done
     return _outcome(job, text)
 
