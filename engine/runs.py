@@ -309,8 +309,11 @@ def describe_source(source: Any, limit: int | None = None) -> dict[str, Any]:
     checkpoint files."""
     if hasattr(source, "base_path"):
         suite, files = getattr(source, "suite", None), [source.base_path, *source.expert_paths]
-    else:
+    elif hasattr(source, "pretrained_path"):
         suite, files = source, [source.pretrained_path, *source.expert_paths()]
+    else:  # a suite without files (built in memory, e.g. by a test): named, not fingerprinted
+        return {"kind": type(source).__name__, "path": str(getattr(source, "label", "")), "fingerprint": None,
+                "limit": limit}
     if suite is not None and getattr(suite, "path", None) is not None:
         return source_record("suite", suite.path, files, limit)
     zoo = getattr(suite, "zoo", None)
