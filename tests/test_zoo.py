@@ -307,3 +307,35 @@ def test_renderers_are_seeded_and_hold_out_their_test_sources():
     for c in range(10):
         assert not set(split["train"][c]) & set(split["test"][c])
     assert len(zoo_tasks.TASKS) == 8 and len({t.name for t in zoo_tasks.TASKS}) == 8
+
+
+@pytest.mark.fast
+def test_the_anchor_keeps_pool_embeddings_near_theta0():
+    """Recipe -3's function-preserving term: the same fine-tuning with the anchor on moves the
+    embeddings of the anchor images (unlabeled pool) less than half as far as with it off."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 64)
+    pool = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
+    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    base = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=30, finetune_batch=16, finetune_lr=4e-3,
+                               finetune_logit_scale=20.0)
+    ref = B._new_model(0)
+    ref.load_state_dict({k.removeprefix("visual."): v for k, v in theta0.items()})
+    x_pool = B._normalize(B._to_input(pool))
+
+    def drift(recipe) -> float:
+        model, _ = B.finetune(theta0, head, images, labels, recipe, 0, 0, anchor_images=pool)
+        with torch.no_grad():
+            return float((F.normalize(model(x_pool), dim=-1) - F.normalize(ref.eval()(x_pool), dim=-1))
+                         .pow(2).sum(-1).mean())
+
+    free, anchored = drift(base), drift(dataclasses.replace(base, finetune_anchor=10.0))
+    assert anchored < 0.5 * free, (anchored, free)

@@ -12,8 +12,7 @@ The recipe is the TIES / MINGLE setting in miniature (docs/methods.md; the searc
 2. **Zero-shot heads.** CLIP classifies with text embeddings of class prompts. Our analogue of a
    prompt is a canonical, clean rendering of the class (tasks.py `prototype_images`, several
    "templates" per class); a head row is the L2-normalised mean of the pretrained tower's
-   normalised embeddings of those renders (as FusionBench averages normalised template embeddings,
-   §6.4). Logits use CLIP's logit scale of 100. Heads are frozen for good.
+   normalised embeddings of those renders (as FusionBench averages normalised template embeddings). Logits use CLIP's logit scale of 100. Heads are frozen for good.
 3. **Experts.** Each task fine-tunes the whole vision tower from theta_0 with its head frozen
    (cross-entropy on scaled cosine), as the task_vectors / FusionBench checkpoints were, plus one
    term the big CLIP does not need: the expert's normalised embeddings of unlabeled pool images are
