@@ -9,7 +9,6 @@ that differ.
 """
 from __future__ import annotations
 
-import datetime as dt
 import html
 import json
 from typing import Any, Sequence
@@ -30,8 +29,13 @@ KIND_LABELS = {"merge": "merge", "sweep": "sweep", "conflicts": "sign conflicts"
 
 
 def method_label(run: Run) -> str:
-    spec = all_methods().get(run.method or "")
-    return spec.label if spec is not None else (run.method or KIND_LABELS.get(run.kind, run.kind))
+    return label_of_method(run.method) if run.method else KIND_LABELS.get(run.kind, run.kind)
+
+
+def label_of_method(name: str) -> str:
+    """The registry's label of a method ("TIES-Merging"), or the name itself (a sweep's "ties,average")."""
+    spec = all_methods().get(name)
+    return spec.label if spec is not None else name
 
 
 def run_title(run: Run) -> str:
@@ -151,10 +155,9 @@ def export_html(runs: Sequence[Run], app_url: str = DEFAULT_APP_URL) -> str:
                             [[row["setting"], *[row[f"#{r.id}"] for r in runs]] for row in rows],
                             {i for i, n in enumerate(names) if n in differing}))
     for run in runs:
-        when = dt.datetime.fromtimestamp(run.created).strftime("%Y-%m-%d %H:%M")
         parts.append(f"<h2>{html.escape(run_title(run))}</h2>")
         link = urljoin(app_url, run.view) if run.view else None
-        parts.append("<p>" + html.escape(f"{run.kind}, made {when} ({run.origin}), engine {run.engine_version}, "
+        parts.append("<p>" + html.escape(f"{run.kind}, made {run.when} ({run.origin}), engine {run.engine_version}, "
                                          f"device {run.device or '?'}")
                      + (f' · <a href="{html.escape(link)}">reopen this view in the app</a>' if link else "") + "</p>")
         settings = flat_settings(run)
@@ -178,7 +181,3 @@ td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 
 tr.differs td { background: #fff3c4; font-weight: bold; }
 h2 { border-top: 1px solid #ddd; padding-top: 0.8em; }
 """
-
-
-def export_json(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    return [r.to_json() for r in runs]

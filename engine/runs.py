@@ -16,6 +16,8 @@ its stored result at once.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -103,15 +105,16 @@ class Run:
             return (r.get("with_ri") or {}).get("average")
         return None
 
+    @property
+    def when(self) -> str:
+        """When it was made, local time to the minute ("2026-11-30 02:38")."""
+        return dt.datetime.fromtimestamp(self.created).strftime("%Y-%m-%d %H:%M")
+
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "created": self.created, "kind": self.kind, "method": self.method,
-                "config": self.config, "source": self.source, "engine_version": self.engine_version,
-                "device": self.device, "timings": self.timings, "result": self.result, "name": self.name,
-                "pinned": self.pinned, "key": self.key, "origin": self.origin, "view": self.view}
+        return dataclasses.asdict(self)
 
 
-_COLUMNS = ("id", "created", "kind", "method", "config", "source", "engine_version", "device", "timings", "result",
-            "name", "pinned", "key", "origin", "view")
+_COLUMNS = tuple(f.name for f in dataclasses.fields(Run))  # the table's columns are the dataclass's fields
 _JSON_COLUMNS = {"config", "source", "timings", "result"}
 
 
@@ -179,30 +182,28 @@ class RunStore:
         """Store one run; returns its id. One INSERT: it is there completely or not at all."""
         if kind not in KINDS:
             raise ValueError(f"unknown run kind {kind!r} (one of {', '.join(KINDS)})")
-        row = (time.time(), kind, method, _dumps(config or {}), _dumps(source or {}), ENGINE_VERSION, device,
-               _dumps(timings or {}), _dumps(result), name, key, origin, view)
+        row = {"created": time.time(), "kind": kind, "method": method, "config": _dumps(config or {}),
+               "source": _dumps(source or {}), "engine_version": ENGINE_VERSION, "device": device,
+               "timings": _dumps(timings or {}), "result": _dumps(result), "name": name, "key": key,
+               "origin": origin, "view": view}
         with self._connect() as db:
-            cur = db.execute(
-                "INSERT INTO runs (created, kind, method, config, source, engine_version, device, timings, result,"
-                " name, key, origin, view) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            cur = db.execute(f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                             tuple(row.values()))
             return int(cur.lastrowid)
 
     def rename(self, run_id: int, name: str | None) -> None:
-        self._update(run_id, "name = ?", ((name or "").strip() or None,))
+        self._change_one(run_id, "UPDATE runs SET name = ? WHERE id = ?", (name or "").strip() or None)
 
     def pin(self, run_id: int, pinned: bool = True) -> None:
-        self._update(run_id, "pinned = ?", (int(bool(pinned)),))
+        self._change_one(run_id, "UPDATE runs SET pinned = ? WHERE id = ?", int(bool(pinned)))
 
     def delete(self, run_id: int) -> None:
-        self._update(run_id, None, ())
+        self._change_one(run_id, "DELETE FROM runs WHERE id = ?")
 
-    def _update(self, run_id: int, assignment: str | None, values: tuple) -> None:
+    def _change_one(self, run_id: int, sql: str, *values: Any) -> None:
+        """Run `sql` (its last parameter is the id) on one run; a missing run is a one-line error."""
         with self._connect() as db:
-            if assignment is None:
-                cur = db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
-            else:
-                cur = db.execute(f"UPDATE runs SET {assignment} WHERE id = ?", (*values, run_id))
-            if cur.rowcount == 0:
+            if db.execute(sql, (*values, run_id)).rowcount == 0:
                 raise MergeExplorerError(f"{self.path}: no run #{run_id}")
 
     # ------------------------------------------------------------------ reading

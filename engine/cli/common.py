@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sqlite3
 import sys
 from typing import Any
+
+from ..errors import MergeExplorerError
+from ..runs import RunStore
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +42,6 @@ def record_run(args: argparse.Namespace, kind: str, result: dict[str, Any], **fi
     one-line warning, never the result already printed."""
     if not getattr(args, "record", True):
         return None
-    import sqlite3
-
-    from ..errors import MergeExplorerError
-    from ..runs import RunStore
-
     try:
         return RunStore().record(kind, _jsonable(result), origin="cli", **fields)
     except (MergeExplorerError, OSError, sqlite3.Error) as exc:

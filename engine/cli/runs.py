@@ -3,7 +3,6 @@ run and RI adaptation the CLI or the app computed): list, show, export as HTML, 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -51,9 +50,8 @@ def run(args: argparse.Namespace) -> int:
         if not runs:
             print(f"no runs in {store.path}")
         for r in runs:
-            when = dt.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M")
             avg = "" if r.average is None else f"  avg {r.average:5.1f} %"
-            print(f"{'*' if r.pinned else ' '}{r.id:>5}  {when}  {r.kind:<9} {run_title(r)}{avg}  [{r.source.get('kind')}]")
+            print(f"{'*' if r.pinned else ' '}{r.id:>5}  {r.when}  {r.kind:<9} {run_title(r)}{avg}  [{r.source.get('kind')}]")
         return 0
     if args.action == "show":
         print_json(store.get(args.id).to_json())

@@ -68,6 +68,14 @@ def remember(store: OrderedDict, key: str, value: Any, size: int = 256) -> None:
         store.popitem(last=False)
 
 
+def _recall(store: OrderedDict, key: str) -> Any:
+    """The value kept under `key` (now the most recently used), or None."""
+    if key not in store:
+        return None
+    store.move_to_end(key)
+    return store[key]
+
+
 def key_of(*parts: Any) -> str:
     return json.dumps(parts, sort_keys=True, default=str)
 
@@ -97,19 +105,24 @@ def source_record(act: Active) -> dict[str, Any]:
     return _source_record(act.key, act)
 
 
-def record_run(store: RunStore | None, kind: str, key: str, result: Any, act: Active, *, method: str | None = None,
-               config: dict[str, Any] | None = None, view: str | None = None, seconds: float | None = None,
-               source: dict[str, Any] | None = None) -> None:
-    """Keep a computed result in the run store (History page, links that survive a restart). Safe
-    in a worker thread when `source` is given; a store that cannot be written costs a log line."""
-    if store is None:
-        return
-    try:
-        store.record(kind, result, method=method, config=config, source=source or source_record(act),
-                     device=resolve_device("auto").type, timings={"total_s": seconds} if seconds else {}, key=key,
-                     origin="app", view=view)
-    except (MergeExplorerError, OSError, sqlite3.Error) as exc:
-        log.warning("run not recorded: %s", exc)
+def recorder(act: Active) -> Callable[..., None]:
+    """A function `record(kind, key, result, *, method, config, seconds)` that keeps a computed result
+    of `act` in the run store (History page, links that survive a restart). The store, the source's
+    record and the page's link are read here, in the page's run, so the function can be called from a
+    queue job's thread. A store that cannot be written costs a log line, never the result."""
+    store, source, view, device = run_store(), source_record(act), current_view(), resolve_device("auto").type
+
+    def record(kind: str, key: str, result: Any, *, method: str | None = None, config: dict[str, Any] | None = None,
+               seconds: float | None = None) -> None:
+        if store is None:
+            return
+        try:
+            store.record(kind, result, method=method, config=config, source=source, device=device,
+                         timings={"total_s": seconds} if seconds else {}, key=key, origin="app", view=view)
+        except (MergeExplorerError, OSError, sqlite3.Error) as exc:
+            log.warning("run not recorded: %s", exc)
+
+    return record
 
 
 # How a stored run's result becomes the value the page keeps (a sweep is stored with its references).
@@ -121,8 +134,9 @@ def stored_result(kind: str, key: str) -> Any:
     the run store keeps) from the run store, so a link opened after a restart shows its result at
     once. None when there is none."""
     store = result_store(kind)
-    if key in store:
-        return store[key]
+    found_here = _recall(store, key)
+    if found_here is not None:
+        return found_here
     runs = run_store() if kind in RUN_KINDS else None
     found = runs.latest(kind, key) if runs is not None else None
     if found is None:
@@ -165,13 +179,9 @@ def run_job(kind: str, key: str, compute: Callable[[Progress], Any], text: str, 
     run store first, and a newly computed one is kept there by `record(value, seconds)`.
     """
     store = result_store(kind)
-    if key in store:
-        store.move_to_end(key)
-        return store[key]
-    if record is not None:
-        earlier = stored_result(kind, key)
-        if earlier is not None:
-            return earlier
+    earlier = stored_result(kind, key) if record is not None else _recall(store, key)
+    if earlier is not None:
+        return earlier
     queue, owner = shared_queue(), session_owner()
 
     def job_fn(progress: Progress) -> Any:
@@ -260,14 +270,14 @@ def merge_report(act: Active, tasks: list[str], method_name: str, config: dict[s
         return evaluate(act.suite, merged, tasks=tasks, limit=act.limit, progress=progress).to_json()
 
     key = key_of(act.key, tasks, method_name, config)
-    runs, references, source, view = run_store(), result_store("reference"), source_record(act), current_view()
+    references, keep = result_store("reference"), recorder(act)
 
     def record(value: dict[str, Any], seconds: float) -> None:
         reference = references.get(key_of(act.key))  # the experts' and θ_0's accuracies, when measured
         if reference is not None:
             reference = {part: {t: v for t, v in reference[part].items() if t in tasks} for part in reference}
-        record_run(runs, "merge", key, {**value, "tasks": tasks, "reference": reference}, act, method=method_name,
-                   config=config, view=view, seconds=seconds, source=source)
+        keep("merge", key, {**value, "tasks": tasks, "reference": reference}, method=method_name, config=config,
+             seconds=seconds)
 
     return run_job("merge", key, compute, "Merging and measuring accuracy on every task…", lane="interactive",
                    record=record)
@@ -324,9 +334,8 @@ def conflict_report(source_key: str, tasks: tuple[str, ...], k: float, trim: str
     start = time.perf_counter()
     report = sign_conflicts(_active.subset(list(tasks)), k=float(k), trim=trim).to_json()
     # the History page lists every analysis this server made (once per setting: the result is cached)
-    record_run(run_store(), "conflicts", key_of(source_key, tasks, k, trim), report, _active,
-               config={"k": float(k), "trim": trim, "tasks": list(tasks)}, view=current_view(),
-               seconds=time.perf_counter() - start)
+    recorder(_active)("conflicts", key_of(source_key, tasks, k, trim), report,
+                      config={"k": float(k), "trim": trim, "tasks": list(tasks)}, seconds=time.perf_counter() - start)
     return report
 
 
@@ -336,7 +345,7 @@ def record_once(kind: str, key: str, make_result: Callable[[], dict[str, Any]], 
         return
     result = make_result()
     remember(result_store(kind), key, result)
-    record_run(run_store(), kind, key, result, act, view=current_view(), **fields)
+    recorder(act)(kind, key, result, **fields)
 
 
 @st.cache_data(show_spinner="Histogramming the task vector…", max_entries=256)

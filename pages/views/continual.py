@@ -13,7 +13,7 @@ from engine.continual import PAPER_ORDER_SEEDS, make_method, method_config, run_
 from engine.device import resolve_device
 from engine.errors import MergeExplorerError
 from engine.methods import continual_methods
-from pages.ui import calls, sections, sources, state, widgets
+from pages.ui import calls, sections, state, widgets
 
 MINGLE_FIELDS = ("rank", "gamma", "beta", "subspace_k", "steps", "seeds_per_class", "layers", "projection")
 DEFAULT_METHODS = ["mingle", "opcm", "task-arithmetic"]
@@ -81,7 +81,7 @@ def run_all(specs: list[tuple[str, str, dict]], what: str, pressed: bool, kind: 
         return
     source = act.suite.select(tasks)
     device = resolve_device("auto")  # CUDA when present, as the sidebar says
-    runs, run_source, view = calls.run_store(), calls.source_record(act), state.current_view()
+    record = calls.recorder(act)
 
     def compute(progress) -> int:
         for i, (label, name, values) in enumerate(missing):
@@ -93,10 +93,9 @@ def run_all(specs: list[tuple[str, str, dict]], what: str, pressed: bool, kind: 
                                    gate_stats=name == "mingle", progress=step, device=device, limit=act.limit)
             value = {**result.to_json(), "label": LABELS[name]}
             calls.remember(store, run_key(name, values), value, STORE_SIZE)
-            calls.record_run(runs, "continual", run_key(name, values), value, act, method=name,
-                             config={**values, "order_seed": order_seed, "tasks": tasks}, view=view,
-                             seconds=result.timings["merge_total_s"] + result.timings["eval_total_s"],
-                             source=run_source)
+            record("continual", run_key(name, values), value, method=name,
+                   config={**values, "order_seed": order_seed, "tasks": tasks},
+                   seconds=result.timings["merge_total_s"] + result.timings["eval_total_s"])
         return len(missing)
 
     try:

@@ -2,16 +2,12 @@
 reopened, named and pinned, exported as a self-contained HTML report."""
 from __future__ import annotations
 
-import datetime as dt
-
 import streamlit as st
 
-from engine.report import comparison_figure, export_html, method_label, run_title, settings_diff
+from engine.report import KIND_LABELS, comparison_figure, export_html, label_of_method, run_title, settings_diff
 from engine.runs import KINDS
 from pages.ui import calls, sections, state
 
-KIND_LABELS = {"merge": "merge", "sweep": "sweep", "conflicts": "sign conflicts", "continual": "continual",
-               "ri": "RI comparison"}
 MAX_LISTED = 500
 
 state.start_page("history")
@@ -34,7 +30,7 @@ with f1:
 with f2:
     methods = sorted({r.method for r in all_runs if r.method})
     method_filter = st.multiselect("Methods", methods, key="history_methods",
-                                   format_func=lambda m: method_label(next(r for r in all_runs if r.method == m)),
+                                   format_func=label_of_method,
                                    help="Show only runs of these methods (none picked: all).")
 with f3:
     text = st.text_input("Search", key="history_search", placeholder="name, setting or source",
@@ -53,7 +49,7 @@ if not all_runs:
 st.dataframe(
     [{"": "📌" if r.pinned else "", "run": run_title(r), "kind": KIND_LABELS.get(r.kind, r.kind),
       "average (%)": None if r.average is None else round(r.average, 1),
-      "when": dt.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M"),
+      "when": r.when,
       "source": f"{r.source.get('kind', '?')}: {r.source.get('path', '?')}", "made in": r.origin} for r in runs],
     hide_index=True, width="stretch", height=min(400, 38 + 35 * len(runs)))
 st.caption(f"{len(runs)} of {len(all_runs)} runs shown" + (f" (the newest {MAX_LISTED})" if
@@ -90,8 +86,8 @@ for run in picked:
     with st.container(border=True):
         c1, c2 = st.columns([3, 1.3])
         with c1:
-            when = dt.datetime.fromtimestamp(run.created).strftime("%Y-%m-%d %H:%M")
-            st.markdown(f"**{run_title(run)}** · {KIND_LABELS.get(run.kind, run.kind)}, {when}, made in the {run.origin}"
+            st.markdown(f"**{run_title(run)}** · {KIND_LABELS.get(run.kind, run.kind)}, {run.when}, "
+                        f"made in the {run.origin}"
                         + (f" · average **{run.average:.1f} %**" if run.average is not None else ""))
             st.caption(f"source: {run.source.get('kind', '?')} {run.source.get('path', '?')} · fingerprint "
                        f"{run.source.get('fingerprint', '—')} · engine {run.engine_version} on {run.device or '?'}")

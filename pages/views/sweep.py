@@ -10,7 +10,7 @@ from engine import figures
 from engine.errors import MergeExplorerError
 from engine.methods import merge_methods
 from engine.sweep import sweep_methods
-from pages.ui import calls, sections, sources, state, widgets
+from pages.ui import calls, sections, state, widgets
 
 PARAMS = {"lam": "λ (scaling)", "k": "k (TIES trim, %)"}
 RANGES = {"lam": (0.0, 3.0, 0.05, (0.1, 1.5)), "k": (1.0, 100.0, 1.0, (5.0, 100.0))}
@@ -98,16 +98,16 @@ def compute_sweep(progress) -> list[dict]:
     return results
 
 
-runs, sweep_source, view = calls.run_store(), calls.source_record(act), state.current_view()
+keep = calls.recorder(act)
 
 
 def record_sweep(value: list[dict], seconds: float) -> None:
     reference = calls.result_store("reference").get(calls.key_of(act.key))
-    calls.record_run(runs, "sweep", key, {"results": value, "reference": reference}, act, method=",".join(method_names),
-                     config={"param": param, "from": value_range[0], "to": value_range[1], "points": n_points,
-                             "ri": ri_values if ri_on else None, **{f"{m}.{k}": v for m, c in configs.items()
-                                                                   for k, v in c.items()}},
-                     view=view, seconds=seconds, source=sweep_source)
+    keep("sweep", key, {"results": value, "reference": reference}, method=",".join(method_names),
+         config={"param": param, "from": value_range[0], "to": value_range[1], "points": n_points,
+                 "ri": ri_values if ri_on else None,
+                 **{f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()}},
+         seconds=seconds)
 
 
 results = None
