@@ -80,8 +80,7 @@ class JobQueue:
         self._queues: dict[str, deque[Job]] = {lane: deque() for lane in LANES}
         self._jobs: dict[str, Job] = {}  # by key: queued, running and recently finished
         self._finished: deque[str] = deque()
-        self.computations: dict[str, int] = {}  # key -> times its function actually ran
-        self.kind_computations: dict[str, int] = {}  # kind -> jobs of that kind actually run
+        self.computations: dict[str, int] = {}  # key -> times its function ran (keys of jobs still kept)
         self.durations: dict[str, list[float]] = {}  # kind -> seconds of recent successful runs
         self._threads = [threading.Thread(target=self._work, args=(lane,), name=f"{name}-{lane}-{i}", daemon=True)
                          for lane in LANES for i in range(self.workers)]
@@ -172,7 +171,6 @@ class JobQueue:
                     continue
                 job.state, job.started = RUNNING, now
                 self.computations[job.key] = self.computations.get(job.key, 0) + 1
-                self.kind_computations[job.kind] = self.kind_computations.get(job.kind, 0) + 1
                 log.info("job started: %s (%s lane, %d owner(s), waited %.1f s)", job.kind, job.lane,
                          len(job.owners), now - job.submitted)
                 return job
@@ -214,6 +212,7 @@ class JobQueue:
             old = self._finished.popleft()
             if old in self._jobs and self._jobs[old].is_finished:
                 del self._jobs[old]
+                self.computations.pop(old, None)  # a server runs for days: keep only what it still holds
 
 
 def default_workers() -> int:

@@ -8,7 +8,7 @@ import streamlit as st
 from engine import figures
 from engine.errors import MergeExplorerError
 from engine.methods import get_method
-from pages.ui import calls, sections, sources, state, widgets
+from pages.ui import calls, sections, state, widgets
 
 VIEWS = {"layer": "bars per layer", "tensor": "bars per tensor", "heatmap": "heatmap: layers × k"}
 METRICS = {"rate_all": "all parameters", "rate_nonzero2": "parameters kept by ≥ 2 tasks"}

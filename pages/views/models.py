@@ -4,7 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from engine.device import resolve_device
-from pages.ui import calls, sections, sources, state
+from pages.ui import calls, sections, state
 
 state.start_page("models")
 st.title("Models")
