@@ -121,6 +121,7 @@ def engine_numbers(zoo_dir: Path, settings: set[tuple[float, float]]) -> dict[tu
     from engine.methods import get_method
     from engine.task_vectors import TaskVectorStack
     from engine.zoo.suite import ZooSuite
+    from pages.ui.state import DEFAULT_LIMIT  # the pages' image budget (no Streamlit call on import)
 
     suite = ZooSuite.load(zoo_dir)
     stack = TaskVectorStack.from_suite(suite)
@@ -128,7 +129,7 @@ def engine_numbers(zoo_dir: Path, settings: set[tuple[float, float]]) -> dict[tu
     out = {}
     for k, lam in sorted(settings):
         merged = stack.apply(ties.merge(stack, ties.config(k=k, lam=lam)))
-        out[(k, lam)] = evaluate(suite, merged).per_task
+        out[(k, lam)] = evaluate(suite, merged, limit=DEFAULT_LIMIT).per_task
     return out
 
 
@@ -156,6 +157,16 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds used so far by process `pid` (user + system), or by the whole machine (None)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    if pid is None:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        return (int(fields[0]) + int(fields[1]) + int(fields[2])) / ticks  # user, nice, system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
 def summary_line(name: str, latencies: list[float]) -> str:
     if not latencies:
         return f"{name:<34} no samples"
@@ -163,7 +174,7 @@ def summary_line(name: str, latencies: list[float]) -> str:
             f"max {max(latencies):6.2f} s   n {len(latencies)}")
 
 
-async def run(args, server: str, log_path: Path) -> dict:
+async def run(args, server: str, log_path: Path, server_pid: int) -> dict:
     from playwright.async_api import async_playwright
 
     report: dict = {"sessions": []}
@@ -186,10 +197,13 @@ async def run(args, server: str, log_path: Path) -> dict:
         report["single_merges"] = log_path.read_text().count("job started: merge") - merges_before
 
         merges_before = log_path.read_text().count("job started: merge")
-        t0 = time.perf_counter()
+        t0, server_cpu, machine_cpu = time.perf_counter(), cpu_seconds(server_pid), cpu_seconds()
         await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report)
                                for i in range(args.sessions)))
         report["classroom_wall_s"] = time.perf_counter() - t0
+        # Where the CPU went: the app server, or everything else (the browsers, this script).
+        report["classroom_cpu_s"] = {"server": cpu_seconds(server_pid) - server_cpu,
+                                     "machine": cpu_seconds() - machine_cpu}
         report["classroom_merges"] = log_path.read_text().count("job started: merge") - merges_before
         await browser.close()
     return report
@@ -223,7 +237,8 @@ def main() -> int:
         try:
             wait_until_healthy(proc, server, log_path)
             load = os.getloadavg()[0]
-            report = asyncio.run(asyncio.wait_for(run(args, server, log_path), timeout=args.max_minutes * 60))
+            report = asyncio.run(asyncio.wait_for(run(args, server, log_path, proc.pid),
+                                                  timeout=args.max_minutes * 60))
         finally:
             stop_server(proc, log)
 
@@ -241,6 +256,10 @@ def main() -> int:
     print(f"classroom wall time: {report['classroom_wall_s']:.1f} s;  merges computed: single "
           f"{report['single_merges']}, classroom {report['classroom_merges']} "
           f"(distinct settings asked: {args.sessions * (args.moves + 1)})")
+    cpu = report["classroom_cpu_s"]
+    print(f"classroom CPU: {cpu['machine']:.0f} s on the machine, of which the app server {cpu['server']:.0f} s "
+          f"({100 * cpu['server'] / max(cpu['machine'], 1e-9):.0f} %); the rest is the {args.sessions} browsers "
+          f"and this script, which a real class runs on its own machines")
     print(f"errors: {sum(len(e) for e in errors.values())} {errors if errors else ''}")
     print(f"cross-talk: {len(crossed)} session(s) {crossed if crossed else ''}")
     print(f"requests that left the server: {len(outside)} {outside[:3] if outside else ''}")

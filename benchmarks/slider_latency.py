@@ -3,6 +3,8 @@
 Measures, on the demo zoo (or --zoo DIR) on this machine, after the merge inputs are cached
 (task vectors loaded, kernels compiled, experts' reference accuracies known):
 
+The engine path evaluates on the pages' default budget of 200 test images per task.
+
 1. engine path, Merge page: merge -> theta_0 + delta -> evaluate -> accuracy figure (to JSON),
    for λ moves (trim thresholds cached) and for k moves to a k not seen before (new thresholds);
 2. engine path, Interference page: sign-conflict report + magnitude histogram + its five figures
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TARGET_S = 1.0
+LIMIT = 200  # the pages' default image budget per task (pages/ui/state.py DEFAULT_LIMIT)
 
 
 def _row(name: str, samples: list[float]) -> str:
@@ -60,10 +63,10 @@ def _engine_paths(zoo_dir: Path, repeats: int) -> list[tuple[str, list[float]]]:
 
     ties = get_method("ties")
     t0 = time.perf_counter()
-    individual = {t: float(evaluate_model(zoo, t).per_task[t]) for t in tasks}
-    pre = evaluate_model(zoo, "pretrained")
+    individual = {t: float(evaluate_model(zoo, t, limit=LIMIT).per_task[t]) for t in tasks}
+    pre = evaluate_model(zoo, "pretrained", limit=LIMIT)
     pretrained = {t: float(pre.per_task[t]) for t in tasks}
-    evaluate(zoo, stack.apply(ties.merge(stack, ties.config())), tasks=tasks)  # JIT + test-set caches
+    evaluate(zoo, stack.apply(ties.merge(stack, ties.config())), tasks=tasks, limit=LIMIT)  # JIT + test-set caches
     print(f"warm-up (experts' accuracies, first merge, kernel compile): {time.perf_counter() - t0:.2f} s\n")
 
     def merge_to_figure(method, **cfg) -> dict[str, float]:
@@ -75,7 +78,7 @@ def _engine_paths(zoo_dir: Path, repeats: int) -> list[tuple[str, list[float]]]:
         merged = stack.apply(delta)
         parts["apply"] = time.perf_counter() - t
         t = time.perf_counter()
-        report = evaluate(zoo, merged, tasks=tasks)
+        report = evaluate(zoo, merged, tasks=tasks, limit=LIMIT)
         parts["evaluate"] = time.perf_counter() - t
         t = time.perf_counter()
         figures.accuracy_bars(tasks, report.per_task, individual, pretrained).to_json()

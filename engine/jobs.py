@@ -89,11 +89,21 @@ class JobQueue:
 
     # ---- asking ---------------------------------------------------------------------------
     def submit(self, key: str, fn: Callable[[Progress], Any], *, owner: str, kind: str = "job",
-               label: str = "", lane: str = "batch") -> Job:
-        """The job for `key`: the one already queued, running or just finished, else a new one."""
+               label: str = "", lane: str = "batch", supersede: bool = False) -> Job:
+        """The job for `key`: the one already queued, running or just finished, else a new one.
+
+        With `supersede`, this owner no longer wants its other queued jobs in the lane (a slider
+        moved on: only the newest setting matters), and those nobody else wants are dropped unrun.
+        """
         if lane not in LANES:
             raise ValueError(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
         with self._lock:
+            if supersede:
+                for older in [j for j in self._queues[lane] if j.key != key and owner in j.owners]:
+                    older.owners.pop(owner)
+                    if not older.owners:
+                        self._queues[lane].remove(older)
+                        self._finish(older, DROPPED)
             job = self._jobs.get(key)
             if job is not None and job.state in (CANCELLED, DROPPED, FAILED):
                 job = None  # ask again: a new attempt

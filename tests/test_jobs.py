@@ -110,6 +110,28 @@ def test_a_queued_job_whose_owners_are_gone_is_dropped_not_run():
     assert kept.wait(5) and kept.state == DONE
 
 
+def test_a_newer_interactive_job_supersedes_the_same_owners_queued_ones():
+    queue = JobQueue(workers=1)
+    blocker = Gate()
+    queue.submit("someone's merge", blocker, owner="other", lane="interactive")
+    assert blocker.started.wait(5)
+    ran = []
+    k10 = queue.submit("k=10", lambda p: ran.append(10), owner="student", lane="interactive", supersede=True)
+    shared = queue.submit("k=20", lambda p: ran.append(20), owner="student", lane="interactive", supersede=True)
+    queue.submit("k=20", lambda p: ran.append(20), owner="friend", lane="interactive")
+    batch = queue.submit("sweep", lambda p: ran.append("sweep"), owner="student", lane="batch")
+    k30 = queue.submit("k=30", lambda p: ran.append(30), owner="student", lane="interactive", supersede=True)
+    assert k10.state == DROPPED and k10.wait(0)  # nobody else wanted it: gone before it ran
+    assert shared.state == "queued" and set(shared.owners) == {"friend"}  # another owner still wants it
+    assert batch.state in ("queued", "running", DONE)  # other lanes are not touched
+    blocker.release.set()
+    assert k30.wait(5) and shared.wait(5) and batch.wait(5)
+    assert sorted(r for r in ran if r != "sweep") == [20, 30]
+    # asking again for the same key does not supersede the job itself
+    again = queue.submit("k=30", lambda p: None, owner="student", lane="interactive", supersede=True)
+    assert again is k30
+
+
 def test_a_failing_job_reports_its_error_and_can_be_asked_again():
     queue = JobQueue(workers=1)
 

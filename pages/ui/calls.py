@@ -34,20 +34,18 @@ from .state import current_view
 Progress = Callable[[float, str], None]
 OWNER = "job_owner"
 POLL_S = 0.5
+QUICK_S = 0.05  # a job this quick finishes before any status is drawn (no flicker)
 log = logging.getLogger("engine.runs")
 
 
-def wait_s(lane: str = "batch") -> float:
-    """How long a page run waits for its job before it shows the queue status and polls instead (the
-    browser keeps the session alive meanwhile). A slider's merge (interactive lane) waits longer:
-    a few seconds in the queue behind other students' merges is better shown as the page's own
-    "running" state than handed to a polling fragment, which under heavy load could lose its
-    rerun (measured with benchmarks/classroom.py: 3 of 8 sessions stuck). MERGE_EXPLORER_JOB_WAIT_S
-    overrides both."""
+def wait_s() -> float:
+    """How long a page run watches its job itself (showing the queue position and progress live)
+    before it hands over to a small polling fragment. The run's own loop is the robust path: a slider
+    move or Cancel interrupts it like any Streamlit rerun, while a polling fragment racing the
+    page's rerun could lose it under load (benchmarks/classroom.py: 3 of 8 sessions stuck at first
+    load). So the page watches for up to an hour; MERGE_EXPLORER_JOB_WAIT_S shortens it (tests)."""
     env = os.environ.get("MERGE_EXPLORER_JOB_WAIT_S")
-    if env:
-        return float(env)
-    return 20.0 if lane == "interactive" else 3.0
+    return float(env) if env else 3600.0
 
 
 class Cancelled(MergeExplorerError):
@@ -173,9 +171,9 @@ def run_job(kind: str, key: str, compute: Callable[[Progress], Any], text: str, 
             size: int = 256, record: Callable[[Any, float], None] | None = None) -> Any:
     """The stored result for `key`, else the result of `compute(progress)` run as a queue job.
 
-    While the job is queued or running the page shows where it stands with a Cancel button; the
-    run waits up to `wait_s()` for it, then hands over to a small status fragment that polls the
-    job and reruns the page when it has finished. With `record`, a result is also looked up in the
+    While the job is queued or running the page shows where it stands, live, with a Cancel button
+    (`_watch`); after `wait_s()` it hands over to a small status fragment that polls the job and
+    reruns the page when it has finished. With `record`, a result is also looked up in the
     run store first, and a newly computed one is kept there by `record(value, seconds)`.
     """
     store = result_store(kind)
@@ -192,13 +190,40 @@ def run_job(kind: str, key: str, compute: Callable[[Progress], Any], text: str, 
             record(value, time.perf_counter() - start)
         return value
 
-    job = queue.submit(key, job_fn, owner=owner, kind=kind, label=text, lane=lane)
+    job = queue.submit(key, job_fn, owner=owner, kind=kind, label=text, lane=lane,
+                       supersede=lane == "interactive")  # a page run waits for one interactive job at a time
     if st.session_state.pop(_cancel_flag(key), False):
         queue.cancel(job, owner)
         raise Cancelled(f"Cancelled: {text.rstrip('…. ')}. Nothing was changed.")
-    if not job.wait(wait_s(lane)):
-        _waiting(job, key, text)  # stops this run; the fragment reruns the page when the job is done
+    if not job.wait(QUICK_S) and not _watch(job, key, text, wait_s()):
+        _waiting(job, text)  # stops this run; the fragment reruns the page when the job is done
     return _outcome(job, text)
+
+
+def _watch(job: Job, key: str, text: str, seconds: float) -> bool:
+    """Show the job's place in the queue or its progress, updated live, with a Cancel button, until
+    it finishes (True) or `seconds` pass (False). Each update is a Streamlit call, so a slider move
+    or Cancel stops this run at once and the page reruns with the new input."""
+    queue, owner = shared_queue(), session_owner()
+    box = st.empty()
+    st.button("Cancel", key=f"cancel_button::{job.kind}", on_click=_request_cancel, args=(key,),
+              help="Stop waiting for this result; if nobody else waits for it, the job is stopped too.")
+    deadline = time.monotonic() + seconds
+    while not job.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            box.empty()
+            return False
+        queue.touch(job, owner)  # a heartbeat: this session still wants the job
+        _show_status(box, job, text)
+    box.empty()
+    return True
+
+
+def _show_status(box, job: Job, text: str) -> None:
+    if job.state == QUEUED:
+        box.info(_status_text(job, text), icon=":material/hourglass_top:")
+    else:
+        box.progress(min(max(job.fraction, 0.0), 1.0), text=_status_text(job, text))
 
 
 def measured(kind: str) -> str:
@@ -235,7 +260,7 @@ def _request_cancel(key: str) -> None:
     st.session_state[_cancel_flag(key)] = True
 
 
-def _waiting(job: Job, key: str, text: str) -> None:
+def _waiting(job: Job, text: str) -> None:
     queue, owner = shared_queue(), session_owner()
 
     @st.fragment(run_every=POLL_S)
@@ -243,14 +268,9 @@ def _waiting(job: Job, key: str, text: str) -> None:
         queue.touch(job, owner)  # a heartbeat: this session still wants the job
         if job.is_finished:
             st.rerun(scope="app")
-        if job.state == QUEUED:
-            st.info(_status_text(job, text), icon=":material/hourglass_top:")
-        else:
-            st.progress(min(max(job.fraction, 0.0), 1.0), text=_status_text(job, text))
+        _show_status(st, job, text)
 
-    status()
-    st.button("Cancel", key=f"cancel_button::{job.kind}", on_click=_request_cancel, args=(key,),
-              help="Stop waiting for this result; if nobody else waits for it, the job is stopped too.")
+    status()  # the Cancel button stays where _watch drew it
     st.stop()
 
 

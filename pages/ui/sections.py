@@ -25,9 +25,9 @@ def show_figure(fig: Any, key: str, explanation: str) -> None:
 
 
 def budget_caption(act: Active, n_images: dict[str, int] | None = None) -> None:
-    """Which image budget the numbers on this page were measured with (suites only; the demo zoo always
-    uses its full test sets). `n_images` (task -> images used) says how many each task actually had."""
-    if act.suite is None or act.kind == "zoo":
+    """Which image budget the numbers on this page were measured with. `n_images` (task -> images
+    used) says how many each task actually had."""
+    if act.suite is None:
         return
     used = ""
     if n_images:

@@ -119,7 +119,7 @@ def load_active(kind: str, path: str, limit: int | None = None) -> Active:
             raise MergeExplorerError(f"the demo zoo at {root} is not built yet")
         fp = _fingerprint([str(root / MANIFEST_NAME)])
         suite = _load_zoo_suite(str(root), fp)
-        source, label, limit = suite_source(suite), "the demo zoo", None
+        source, label = suite_source(suite), "the demo zoo"
     elif kind == "suite":
         roots = tuple(allowed_roots())
         check_allowed(path, roots, "suite file")  # before anything is read, even its existence
@@ -174,6 +174,7 @@ def sidebar() -> None:
                    "describe the same checkpoints with a suite file.")
     else:
         path = str(default_zoo_dir())
+        limit = _limit_control()
 
     st.session_state.pop(PROBLEM, None)
     if kind != "zoo" and not path:
@@ -195,7 +196,8 @@ def sidebar() -> None:
 
 
 def _limit_control() -> int | None:
-    """Images per task for a suite: a fast default for live sliders, 0 = full test sets."""
+    """Images per task for a source with test images: a fast default for live sliders (a merge and its
+    evaluation in a few tenths of a second on a CPU: benchmarks/slider_latency.py), 0 = full test sets."""
     value = bind(st.number_input, "limit", DEFAULT_LIMIT, "Images per task", url_key="limit", min_value=0,
                  max_value=1_000_000, step=50, valid=lambda v: isinstance(v, int) and v >= 0,
                  help="How many test images of each task every accuracy is measured on (a seeded subset that keeps "
