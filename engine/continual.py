@@ -60,7 +60,7 @@ def select_seed_indices(labels: torch.Tensor, per_class: int, seed: int) -> torc
     return torch.sort(torch.cat(chosen)).values
 
 
-def _task_seed(seed: int, task: str) -> int:
+def task_seed(seed: int, task: str) -> int:
     return (zlib.crc32(task.encode()) ^ (seed * 7919)) & 0x7FFFFFFF
 
 
@@ -182,7 +182,7 @@ def run_continual(source: ContinualSource, method, order: Sequence[str], *, seed
         if progress is not None:
             progress(i / n, f"step {i + 1}/{n}: merging {task}")
         images, labels = test_sets[task]
-        seed_idx = select_seed_indices(labels, seeds_per_class, _task_seed(seed, task))
+        seed_idx = select_seed_indices(labels, seeds_per_class, task_seed(seed, task))
         clock = time.perf_counter()
         merged = method.step(task, source.theta(task), images[seed_idx.to(images.device)], heads[task])
         encoder = merged if isinstance(merged, nn.Module) else source.build_encoder(merged).to(device)

@@ -250,9 +250,42 @@ def ties_merge_cpu(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch
     return out
 
 
+def ties_trim_block(block: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Trim step on rows [T, n] of one segment: entries below their task's threshold [T, 1] become 0."""
+    block = block.float()
+    return torch.where(block.abs() >= thresholds, block, torch.zeros_like(block))
+
+
+def ties_elect_block(kept: torch.Tensor, tie_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elect step: the sign of the summed trimmed values per entry, and where they tie exactly (some
+    value kept, sum 0). Ties get + under the "positive" rule; "global_majority" resolves them later
+    with `ties_resolve_ties`, as it needs the whole model's elected signs."""
+    sign = torch.sign(kept.sum(0))
+    tie = (sign == 0) & (kept != 0).any(0)
+    if tie_rule == "positive":
+        sign = torch.where(tie, torch.ones_like(sign), sign)
+    return sign, tie
+
+
+def ties_resolve_ties(sign: torch.Tensor, tie: torch.Tensor, majority: float) -> torch.Tensor:
+    return torch.where(tie, torch.full_like(sign, majority), sign) if majority else sign
+
+
+def ties_disjoint_block(kept: torch.Tensor, sign: torch.Tensor, disjoint: str, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint merge step: (scale · mean or sum of the trimmed values agreeing with the elected sign,
+    the agreement mask [T, n])."""
+    agree = (kept * sign) > 0
+    agreed = torch.where(agree, kept, torch.zeros_like(kept)).sum(0)
+    if disjoint == "mean":
+        agreed = agreed / agree.sum(0).clamp(min=1)
+    return scale * agreed, agree
+
+
 def ties_merge_torch(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch.Tensor, *, disjoint: str,
                      scale: float, tie_rule: str) -> torch.Tensor:
-    """Reference-grade torch implementation, chunked by segment so memory stays at a few T x chunk."""
+    """Reference-grade torch implementation, chunked by segment so memory stays at a few T x chunk.
+    Its three steps are the `ties_*_block` functions, which the TIES lesson shows one by one."""
     out = torch.empty(data.shape[1], dtype=torch.float32, device=data.device)
     thresholds = thresholds.to(data.device)
     signs: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
@@ -262,27 +295,29 @@ def ties_merge_torch(data: torch.Tensor, seg_starts: np.ndarray, thresholds: tor
     for s in range(len(seg_starts) - 1):
         for a in range(int(seg_starts[s]), int(seg_starts[s + 1]), step):
             b = min(a + step, int(seg_starts[s + 1]))
-            block = data[:, a:b].float()
-            kept = torch.where(block.abs() >= thresholds[:, s:s + 1], block, torch.zeros_like(block))
-            sign = torch.sign(kept.sum(0))
-            tie = (sign == 0) & (kept != 0).any(0)
-            if tie_rule == "positive":
-                sign = torch.where(tie, torch.ones_like(sign), sign)
+            sign, tie = ties_elect_block(ties_trim_block(data[:, a:b], thresholds[:, s:s + 1]), tie_rule)
             n_ties += int(tie.sum())
             elected_sum += sign.sum(dtype=torch.float64)
             signs.append((s, a, b, sign, tie))
     majority = float(torch.sign(elected_sum)) if tie_rule == "global_majority" and n_ties else 0.0
     for s, a, b, sign, tie in signs:
-        if majority:
-            sign = torch.where(tie, torch.full_like(sign, majority), sign)
-        block = data[:, a:b].float()
-        kept = torch.where(block.abs() >= thresholds[:, s:s + 1], block, torch.zeros_like(block))
-        agree = (kept * sign) > 0
-        agreed = torch.where(agree, kept, torch.zeros_like(kept)).sum(0)
-        if disjoint == "mean":
-            agreed = agreed / agree.sum(0).clamp(min=1)
-        out[a:b] = scale * agreed
+        kept = ties_trim_block(data[:, a:b], thresholds[:, s:s + 1])
+        out[a:b] = ties_disjoint_block(kept, ties_resolve_ties(sign, tie, majority), disjoint, scale)[0]
     return out
+
+
+def ties_majority_sign(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch.Tensor) -> float:
+    """The model-wide majority sign that "global_majority" gives exact ties (0.0 when none tie)."""
+    thresholds = thresholds.to(data.device)
+    total, n_ties = 0.0, 0
+    step = 1 << 22
+    for s in range(len(seg_starts) - 1):
+        for a in range(int(seg_starts[s]), int(seg_starts[s + 1]), step):
+            b = min(a + step, int(seg_starts[s + 1]))
+            sign, tie = ties_elect_block(ties_trim_block(data[:, a:b], thresholds[:, s:s + 1]), "global_majority")
+            total += float(sign.sum(dtype=torch.float64))
+            n_ties += int(tie.sum())
+    return float(np.sign(total)) if n_ties else 0.0
 
 
 def can_use_numba(data: torch.Tensor) -> bool:
