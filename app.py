@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import streamlit as st  # noqa: E402
 
 from engine.device import resolve_device  # noqa: E402
-from pages.ui import sources, state  # noqa: E402
+from pages.ui import presenter, sources, state  # noqa: E402
 
 # The icon is a file of ours: a material-icon name would be fetched from a public font host, which a
 # classroom without internet cannot reach (and no page should depend on).
@@ -41,6 +41,7 @@ PAGES = [
     st.Page("pages/views/sweep.py", title="Sweep", icon=":material/monitoring:"),
     st.Page("pages/views/continual.py", title="Continual", icon=":material/timeline:"),
     st.Page("pages/views/history.py", title="History", icon=":material/history:"),
+    st.Page("pages/views/learn.py", title="Learn", icon=":material/school:"),
 ]
 page = st.navigation(PAGES, position="top")
 state.remember_start_url()
@@ -52,5 +53,6 @@ with st.sidebar:
     sources.sidebar()
     device = resolve_device("auto")
     st.caption(f"Device: **{device.type.upper()}**" + (" (no CUDA GPU found)" if device.type == "cpu" else ""))
+presenter.apply()
 
 page.run()

@@ -553,7 +553,7 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]], *, paper_range
     n_rows = -(-len(gates) // n_cols)
     fig = make_subplots(rows=n_rows, cols=n_cols, shared_yaxes=True, horizontal_spacing=0.03,
                         vertical_spacing=0.16 if n_rows > 1 else 0.1,
-                        subplot_titles=[f"gate {j + 1} (trained on {t})" for j, t in enumerate(gates)])
+                        subplot_titles=[f"gate {j + 1}: {t}" for j, t in enumerate(gates)])
     xs = list(range(len(evals)))
     lo, hi = (-0.3, 1.3) if paper_range else (0.0, 0.0)
     for c, (label, stats) in enumerate(runs.items()):
@@ -581,13 +581,15 @@ def gate_activation_panels(runs: Mapping[str, Mapping[str, Any]], *, paper_range
     fig.update_yaxes(range=[lo - pad, hi + pad])
     for row in range(1, n_rows + 1):
         fig.update_yaxes(title_text="mean gate output (unitless)", row=row, col=1)
-    fig.update_xaxes(title_text="evaluated task (merge order)", row=n_rows)
+    # one x title under the last row (in its middle panel): one per panel ran into each other
+    last_row_panels = len(gates) - (n_rows - 1) * n_cols
+    fig.update_xaxes(title_text="evaluated task (merge order)", row=n_rows, col=(last_row_panels + 1) // 2)
     height = 330 * n_rows + 150
     plot_height = height - 140 - _LAYOUT["margin"]["b"]
     layout = {**_LAYOUT, "margin": {**_LAYOUT["margin"], "t": 140}}
     # The legend sits above the first row's panel titles (about 36 px), not on them.
-    fig.update_layout(title=dict(text="Gate activations per evaluated task (grey: the gate's own task; "
-                                      "band: ± std across layers)", x=0.0, xanchor="left"),
+    fig.update_layout(title=dict(text="Gate activations per evaluated task (panel j: the gate trained on "
+                                      "task j; grey: its own task; band: ± std across layers)", x=0.0, xanchor="left"),
                       legend={**_LEGENDS["top"], "y": 1.0 + 36 / plot_height}, height=height, **layout)
     return fig
 
@@ -653,3 +655,59 @@ def interference_bars(tasks: Sequence[str], xi_by_variant: Mapping[str, Mapping[
     return _finish(fig, "Interference ξ per task: how far the merge's predictions are from each expert's",
                    "task", "ξ_t: KL(expert ‖ merged) per test image (nats)", barmode="group", legend="bottom",
                    yaxis_rangemode="tozero")
+
+
+# --------------------------------------------------------------------------- projector and narrow screens
+
+PROJECTOR_FONT = 18  # px: the smallest chart text in presenter mode (readable from the back of a room)
+
+
+def wrap_title(text: str, max_chars: int) -> str:
+    """`text` broken with <br> at spaces into lines of at most about `max_chars` characters: Plotly
+    never wraps a title, it cuts it at the chart's edge."""
+    if len(text) <= max_chars or "<br>" in text:
+        return text
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > max_chars:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return "<br>".join([*lines, line])
+
+
+def fit_for_screen(fig: go.Figure, *, projector: bool = False, title_chars: int = 70) -> go.Figure:
+    """A copy of `fig` whose title fits a narrow (1024 px) screen; with `projector`, every text in it
+    is at least PROJECTOR_FONT px and the chart is taller, for presenter mode."""
+    out = go.Figure(fig)
+    title = out.layout.title.text or ""
+    if projector:
+        big, title_size = PROJECTOR_FONT, PROJECTOR_FONT + 6
+        title_chars = int(title_chars * 0.8)  # larger letters, but no sidebar: a wider chart
+        out.update_layout(font=dict(size=big, color="#111"), legend=dict(font=dict(size=big)),
+                          hoverlabel=dict(font=dict(size=big)),
+                          height=int((out.layout.height or 450) * 1.2),
+                          margin=dict(l=90, r=30, t=130 if "<br>" in wrap_title(title, title_chars) else 100, b=90))
+        out.update_xaxes(tickfont=dict(size=big), title_font=dict(size=big + 2))
+        out.update_yaxes(tickfont=dict(size=big), title_font=dict(size=big + 2))
+        for annotation in out.layout.annotations or ():
+            annotation.update(font=dict(size=max(big, annotation.font.size or 0)))
+        for trace in out.data:
+            if "textfont" in trace:
+                trace.update(textfont=dict(size=max(big, trace.textfont.size or 0)))
+            if "colorbar" in trace:
+                trace.update(colorbar=dict(tickfont=dict(size=big), title=dict(font=dict(size=big))))
+        out.update_layout(title=dict(font=dict(size=title_size)))
+    # x-axis titles and annotations (marker labels, panel titles) wrap the same way as the title
+    out.for_each_xaxis(lambda axis: axis.update(title_text=wrap_title(axis.title.text, title_chars))
+                       if axis.title.text else None)
+    for annotation in out.layout.annotations or ():
+        if annotation.text:
+            annotation.text = wrap_title(annotation.text, title_chars)
+    wrapped = wrap_title(title, title_chars)
+    if wrapped != title:
+        out.update_layout(title=dict(text=wrapped))
+        top = (out.layout.margin.t or 80) + (30 if projector else 22) * wrapped.count("<br>")
+        out.update_layout(margin=dict(t=top))
+    return out

@@ -34,6 +34,33 @@ CHART_DATA_JS = ("(i) => { const g = document.querySelectorAll('.js-plotly-plot'
                  " return g && g.data ? JSON.stringify(g.data.map(t => [t.name, t.y])) : null; }")
 CHART_TITLES_JS = ("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
                    ".map(g => (g.layout && g.layout.title && g.layout.title.text) || '')")
+# Texts a reader cannot read whole: metric labels, values and deltas wider than their box or running
+# past their column (cut with "…" or clipped), and chart titles, axis titles, annotations and legend entries that run past the chart's edge.
+CUT_TEXT_JS = """() => {
+  const cut = [];
+  for (const box of document.querySelectorAll('[data-testid="stMetricLabel"], [data-testid="stMetricValue"],'
+                                               + ' [data-testid="stMetricDelta"]')) {
+    const column = box.closest('[data-testid="stColumn"]') || box.parentElement;
+    const right = column.getBoundingClientRect().right;
+    for (const e of [box, ...box.querySelectorAll('*')]) {
+      if (e.scrollWidth > e.clientWidth + 1 || e.getBoundingClientRect().right > right + 1) {
+        cut.push('metric: ' + box.textContent.trim()); break;
+      }
+    }
+  }
+  for (const g of document.querySelectorAll('.js-plotly-plot')) {
+    const edge = g.querySelector('.main-svg').getBoundingClientRect();
+    const texts = g.querySelectorAll('.gtitle, .g-xtitle text, .g-ytitle text, .annotation-text, .legendtext');
+    for (const t of texts) {
+      const r = t.getBoundingClientRect();
+      if (r.width && (r.right > edge.right + 2 || r.left < edge.left - 2)) cut.push('chart: ' + t.textContent);
+    }
+  }
+  return cut;
+}"""
+# The smallest font size (px) of any text Plotly drew in the charts on the page.
+SMALLEST_CHART_TEXT_JS = """() => Math.min(...Array.from(document.querySelectorAll('.js-plotly-plot .main-svg text'))
+  .filter(t => t.textContent.trim()).map(t => parseFloat(getComputedStyle(t).fontSize)))"""
 CHARTS_DRAWN_JS = "(n) => Array.from(document.querySelectorAll('.js-plotly-plot')).filter(g => g.data).length >= n"
 
 

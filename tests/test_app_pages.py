@@ -847,3 +847,79 @@ def test_a_continual_link_opened_after_a_restart_shows_its_stored_result(app, ow
     again = reopen_after_restart(at, "continual")
     assert not any("Press **Run continual merging**" in i.value for i in again.info)
     assert chart(again, "seen_average_chart")["data"][0]["y"] == first["data"][0]["y"]
+
+
+# --------------------------------------------------------------------------- Learn (lessons)
+
+
+def step_title(at: AppTest) -> str:
+    return next(s.value for s in at.subheader if s.value.startswith("Step "))
+
+
+def test_the_ties_lesson_steps_by_url_and_by_buttons(app, quick_zoo):
+    from engine.analysis.ties_steps import block_tensors, ties_block
+    from engine.task_vectors import TaskVectorStack
+
+    stack = TaskVectorStack.from_suite(quick_zoo)
+    tasks = stack.tasks[1:4]
+    tensor = next(t for t in block_tensors(stack) if "fc1" in t)
+    app.query_params.update({"lesson": "ties", "step": "3", "lesson_tasks": ",".join(tasks), "tensor": tensor,
+                             "row": "10", "lesson_k": "35"})
+    at = open_page(app, "learn")
+    assert step_title(at) == "Step 3 of 5: Elect"
+    expected = ties_block(stack, tasks, tensor, row=10, k=35.0)
+    elect = chart(at, "lesson_ties_elect")
+    assert elect["data"][0]["z"] == expected.summed.tolist()  # the engine's numbers reach the page
+    assert elect["layout"]["title"]["text"].startswith("Elect")
+    for want in ("Disjoint merge", "What TIES did"):  # Next
+        at.button(key="step_next").click().run()
+        assert_clean(at)
+        assert step_title(at).endswith(want) and qp(at, "step") == str(int(qp(at, "step")))
+    assert at.button(key="step_next").disabled
+    counts = chart(at, "lesson_ties_counts")["data"][0]["x"]
+    assert counts[0] == expected.counts["dropped_by_trim"]
+    for _ in range(4):  # Back to the start
+        at.button(key="step_back").click().run()
+    assert step_title(at) == "Step 1 of 5: Task vectors" and qp(at, "step") == "1"
+    assert at.button(key="step_back").disabled
+    assert qp(at, "lesson_k") == "35" and qp(at, "lesson_tasks") == ",".join(tasks) and qp(at, "row") == "10"
+    # the closing step opens Merge with the lesson's k and tasks
+    at.select_slider(key="w.learn.step").set_value(5).run()
+    at.button(key="to_merge").click().run()
+    assert_clean(at)
+    assert qp(at, "k") == "35" and qp(at, "tasks") == ",".join(tasks)
+    assert "k = 35" in chart(at, "accuracy_chart")["layout"]["title"]["text"]
+
+
+def test_the_gates_lesson_steps_by_url_and_by_buttons(app):
+    app.query_params.update({"lesson": "gates", "step": "2"})
+    at = open_page(app, "learn")
+    assert step_title(at) == "Step 2 of 5: Protected directions"
+    fig = chart(at, "lesson_gates_protected")
+    assert any(t["name"].startswith("protected directions") for t in fig["data"])
+    at.button(key="step_next").click().run()
+    assert "hard projection" in " ".join(t["name"] for t in chart(at, "lesson_gates_update")["data"])
+    at.button(key="step_next").click().run()
+    at.select_slider(key="w.learn.gamma").set_value(10.0).run()
+    assert_clean(at)
+    assert qp(at, "gamma") == "10" and qp(at, "step") == "4"
+    assert "γ = 10" in chart(at, "lesson_gates_strength")["data"][-1]["name"] or \
+        any("γ = 10" in str(a.get("text")) for a in chart(at, "lesson_gates_strength")["layout"]["annotations"])
+    at.button(key="step_next").click().run()
+    at.button(key="run_gate_lesson").click().run()
+    assert_clean(at)
+    measured = chart(at, "lesson_gates_measured")
+    assert "Gate activations" in measured["layout"]["title"]["text"]
+    assert len([a for a in measured["layout"]["annotations"] if a["text"].startswith("gate ")]) == 3  # 3 tasks
+
+
+def test_presenter_mode_from_the_url_hides_the_sidebar_toggle_and_enlarges_charts(app):
+    app.query_params.update({"lesson": "ties", "step": "2", "present": "1"})
+    at = open_page(app, "learn")
+    assert at.button(key="leave_presenter") and qp(at, "present") == "1"
+    fig = chart(at, "lesson_ties_trim")
+    assert fig["layout"]["font"]["size"] >= 18
+    at.button(key="leave_presenter").click().run()
+    assert_clean(at)
+    assert qp(at, "present") is None and at.sidebar.toggle(key="w.sidebar.present").value is False
+    assert chart(at, "lesson_ties_trim")["layout"].get("font", {}).get("size", 12) < 18

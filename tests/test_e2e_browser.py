@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from browser_harness import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, STEP_TIMEOUT_MS, VIEWPORT, assert_no_error_text,
+from browser_harness import (ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, CUT_TEXT_JS, SMALLEST_CHART_TEXT_JS, STEP_TIMEOUT_MS,
+                             VIEWPORT, assert_no_error_text,
                              assert_only_local, chart_data, chart_titles, download, go, nudge_slider, settle, shot,
                              start_server, stop_server, wait_for_charts, wait_for_images, wait_for_url_param,
                              wait_until_healthy, watch_requests)
@@ -331,3 +332,53 @@ def test_history_lists_a_merge_compares_and_exports_an_offline_report(server, br
     assert offline.get_by_text("reopen this view in the app").count() == 2
     offline.screenshot(path=str(ARTIFACTS / "e2e-12-report.png"), full_page=True)
     offline.close()
+
+
+# --------------------------------------------------------------------------- lessons and presenter mode
+
+SMALL_SCREEN = {"width": 1024, "height": 768}  # a lecture-hall laptop or projector
+
+
+def test_nothing_is_cut_on_a_1024_screen_in_normal_or_presenter_mode(server, browser):
+    page = browser.new_page(viewport=SMALL_SCREEN)
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    for link in ("merge?method=ties", "merge?method=ties&present=1", "interference", "interference?present=1",
+                 "learn?lesson=ties&step=4", "learn?lesson=gates&step=4&present=1"):
+        page.goto(f"{server}/{link}")
+        settle(page)
+        wait_for_charts(page, 1)
+        settle(page)
+        assert page.evaluate(CUT_TEXT_JS) == [], link
+        assert_no_error_text(page)
+    shot(page, "13-learn-1024")
+    page.close()
+
+
+def test_presenter_mode_walks_the_ties_lesson_with_the_arrow_keys(server, browser):
+    page = browser.new_page(viewport=SMALL_SCREEN)
+    page.set_default_timeout(STEP_TIMEOUT_MS)
+    requests = watch_requests(page)
+    page.goto(f"{server}/learn?lesson=ties&step=1&present=1")
+    titles = []
+    for step in range(1, 6):
+        settle(page)
+        wait_for_charts(page, 1)
+        settle(page)
+        assert page.locator('section[data-testid="stSidebar"]').is_hidden()
+        assert page.evaluate(SMALLEST_CHART_TEXT_JS) >= 18, f"step {step}"
+        assert page.evaluate(CUT_TEXT_JS) == [], f"step {step}"
+        assert_no_error_text(page)
+        titles.append(page.get_by_role("heading", name=f"Step {step} of 5").text_content())
+        page.set_viewport_size({"width": 1024, "height": 1500})  # the whole step in the screenshot
+        shot(page, f"lesson-ties-step{step}-presenter")
+        page.set_viewport_size(SMALL_SCREEN)
+        if step < 5:
+            page.keyboard.press("ArrowRight")
+            wait_for_url_param(page, f"step={step + 1}")
+    assert [t.split(": ", 1)[1] for t in titles] == ["Task vectors", "Trim", "Elect", "Disjoint merge",
+                                                     "What TIES did"]
+    assert "present=1" in page.url
+    page.keyboard.press("ArrowLeft")
+    wait_for_url_param(page, "step=4")
+    page.close()
+    assert_only_local(requests, server)

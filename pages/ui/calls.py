@@ -205,17 +205,19 @@ def _watch(job: Job, key: str, text: str, seconds: float) -> bool:
     it finishes (True) or `seconds` pass (False). Each update is a Streamlit call, so a slider move
     or Cancel stops this run at once and the page reruns with the new input."""
     queue, owner = shared_queue(), session_owner()
-    box = st.empty()
-    st.button("Cancel", key=f"cancel_button::{job.kind}", on_click=_request_cancel, args=(key,),
-              help="Stop waiting for this result; if nobody else waits for it, the job is stopped too.")
+    holder = st.empty()  # the status and the Cancel button, gone once the job has finished
+    with holder.container():
+        box = st.empty()
+        st.button("Cancel", key=f"cancel_button::{job.kind}", on_click=_request_cancel, args=(key,),
+                  help="Stop waiting for this result; if nobody else waits for it, the job is stopped too.")
     deadline = time.monotonic() + seconds
     while not job.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
             box.empty()
-            return False
+            return False  # the polling fragment takes over below the Cancel button
         queue.touch(job, owner)  # a heartbeat: this session still wants the job
         _show_status(box, job, text)
-    box.empty()
+    holder.empty()
     return True
 
 

@@ -7,8 +7,9 @@ from typing import Any
 import streamlit as st
 
 from engine.errors import MergeExplorerError
+from engine.figures import fit_for_screen
 
-from . import calls
+from . import calls, presenter
 from .sources import ACTIVE, KINDS, PROBLEM, Active, default_zoo_dir
 from .state import PAGE_KEY, bind
 from .widgets import config_widgets
@@ -18,9 +19,14 @@ def what_am_i_looking_at(text: str) -> None:
     st.caption("**What am I looking at?** " + text)
 
 
-def show_figure(fig: Any, key: str, explanation: str) -> None:
-    """A Plotly figure and, under it, its "What am I looking at?" caption: every chart in the app has one."""
-    st.plotly_chart(fig, key=key, config={"displaylogo": False})
+def show_figure(fig: Any, key: str, explanation: str, *, half: bool = False) -> None:
+    """A Plotly figure and, under it, its "What am I looking at?" caption: every chart in the app has one.
+    `half`: the chart sits in one of two columns, so its title wraps sooner (in presenter mode the
+    columns stack and it gets the whole width)."""
+    projector = presenter.is_on()
+    title_chars = 28 if half and not projector else 70
+    st.plotly_chart(fit_for_screen(fig, projector=projector, title_chars=title_chars), key=key,
+                    config={"displaylogo": False})
     what_am_i_looking_at(explanation)
 
 

@@ -83,18 +83,18 @@ left, right = st.columns(2, gap="large")
 with left:
     sections.show_figure(figures.conflict_vs_k(report["k_curve"], current_k=k), "conflict_k_chart",
         "the overall conflict rate as each task vector keeps more of its largest changes (k, in %). Solid: "
-        "measured on these experts; dashed: random signs. The dotted red line is the k chosen above.")
+        "measured on these experts; dashed: random signs. The dotted red line is the k chosen above.", half=True)
 with right:
     sections.show_figure(figures.conflict_vs_n_tasks(report["n_tasks_curve"], k=k, current_n=len(tasks)),
                        "conflict_n_chart",
         "the conflict rate when merging 2, 3, … of the chosen tasks at the current k. More tasks, more chances "
-        "that someone disagrees: this is why merging many experts gets harder.")
+        "that someone disagrees: this is why merging many experts gets harder.", half=True)
 
 left, right = st.columns(2, gap="large")
 with left:
     sections.show_figure(figures.pairwise_conflict_heatmap(report["tasks"], report["pairwise"]), "pairwise_chart",
         "for each pair of tasks, among the parameters both kept after trimming, the % whose signs disagree. "
-        "About 50 % means unrelated directions; lower means the two tasks changed the model alike.")
+        "About 50 % means unrelated directions; lower means the two tasks changed the model alike.", half=True)
 with right:
     mag_task = state.bind(st.selectbox, "mag_task", act.tasks[0], "Task vector to inspect", act.tasks,
                            url_key="task", valid=lambda v: v in act.tasks,
@@ -108,7 +108,7 @@ with right:
             "how big the changes made by fine-tuning are, on a log scale (each step right = 10× larger). "
             "TIES keeps only the blue part right of the red threshold (the top k %) and resets the grey part "
             "to the pretrained value." + (" With per-tensor trim each tensor has its own threshold; the line "
-                                          "shows a typical one." if trim != "global" else ""))
+                                          "shows a typical one." if trim != "global" else ""), half=True)
 
 state.sync_url({"tasks": widgets.url_tasks(act.tasks, tasks), "k": k, "trim": trim, "metric": metric, "view": view,
                 "task": mag_task})
