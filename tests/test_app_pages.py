@@ -423,7 +423,7 @@ def test_continual_page_runs_mingle_and_a_baseline_side_by_side(app):
 
     gates = chart(at, "gate_panels_chart")
     titles = [a["text"] for a in gates["layout"]["annotations"] if a["text"].startswith("gate ")]
-    assert titles == [f"gate {j + 1} (trained on {t})" for j, t in enumerate(heat["x"])]
+    assert titles == [f"gate {j + 1}: {t}" for j, t in enumerate(heat["x"])]
     layers = chart(at, "gate_layers_chart")["data"][0]
     assert layers["type"] == "heatmap" and len(layers["x"]) == len(tasks)
     assert qp(at, "cmethods") == "mingle,task-arithmetic" and qp(at, "steps") == str(CONTINUAL_STEPS)

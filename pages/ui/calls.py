@@ -162,7 +162,8 @@ def _status_text(job: Job, text: str) -> str:
     if job.state == QUEUED:
         ahead = queue.position(job)
         busy = len(queue.running())
-        return (f"Waiting in the queue: {ahead} job{'s' if ahead != 1 else ''} ahead of yours"
+        waited = time.monotonic() - job.submitted  # also makes the text change each second (see _show_status)
+        return (f"Waiting in the queue ({waited:.0f} s): {ahead} job{'s' if ahead != 1 else ''} ahead of yours"
                 + (f", {busy} running" if busy else "") + f"{usually}. {text}")
     return f"{text} {job.message}" + (f" — {job.seconds:.0f} s so far{usually}" if job.seconds else "")
 
@@ -210,22 +211,30 @@ def _watch(job: Job, key: str, text: str, seconds: float) -> bool:
         box = st.empty()
         st.button("Cancel", key=f"cancel_button::{job.kind}", on_click=_request_cancel, args=(key,),
                   help="Stop waiting for this result; if nobody else waits for it, the job is stopped too.")
-    deadline = time.monotonic() + seconds
+    deadline, shown = time.monotonic() + seconds, None
     while not job.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
             box.empty()
             return False  # the polling fragment takes over below the Cancel button
         queue.touch(job, owner)  # a heartbeat: this session still wants the job
-        _show_status(box, job, text)
+        shown = _show_status(box, job, text, shown)
     holder.empty()
     return True
 
 
-def _show_status(box, job: Job, text: str) -> None:
-    if job.state == QUEUED:
-        box.info(_status_text(job, text), icon=":material/hourglass_top:")
-    else:
-        box.progress(min(max(job.fraction, 0.0), 1.0), text=_status_text(job, text))
+def _show_status(box, job: Job, text: str, shown: tuple | None = None) -> tuple:
+    """Draw the job's status in `box` unless it reads as `shown` already: each redraw is a message
+    the browser must render, twice a second per waiting student otherwise. The texts count seconds,
+    so a redraw still comes at least once a second, and with it the point where a slider move or
+    Cancel stops this run (Streamlit checks for those when the page sends something)."""
+    queued = job.state == QUEUED
+    status = (queued, _status_text(job, text), round(min(max(job.fraction, 0.0), 1.0), 2))
+    if status != shown:
+        if queued:
+            box.info(status[1], icon=":material/hourglass_top:")
+        else:
+            box.progress(status[2], text=status[1])
+    return status
 
 
 def measured(kind: str) -> str:

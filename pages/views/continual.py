@@ -127,6 +127,7 @@ else:
                    "FWT (points)": None if r["FWT"] is None else round(r["FWT"], 1),
                    "merge time (s)": round(r["timings"]["merge_total_s"], 1)} for r in results],
                  hide_index=True, width="stretch")
+    sections.budget_caption(act)  # MINGLE's seed images and every accuracy come from this budget
     sections.show_figure(figures.continual_seen_average_lines(results), "seen_average_chart",
         "after each new task is merged (x), the merged model's average accuracy over all tasks seen so far (y). "
         "A line that stays high keeps old tasks while adding new ones. ACC is the last point; BWT is how much "
