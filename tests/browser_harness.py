@@ -33,7 +33,7 @@ RUN_FINISHED_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\
 CHART_DATA_JS = ("(i) => { const g = document.querySelectorAll('.js-plotly-plot')[i];"
                  " return g && g.data ? JSON.stringify(g.data.map(t => [t.name, t.y])) : null; }")
 CHART_TITLES_JS = ("() => Array.from(document.querySelectorAll('.js-plotly-plot'))"
-                   ".map(g => (g.layout && g.layout.title && g.layout.title.text) || '')")
+                   ".map(g => ((g.layout && g.layout.title && g.layout.title.text) || '').replace(/<br>/g, ' '))")
 # Texts a reader cannot read whole: metric labels, values and deltas wider than their box or running
 # past their column (cut with "…" or clipped), and chart titles, axis titles, annotations and legend entries that run past the chart's edge.
 CUT_TEXT_JS = """() => {

@@ -903,6 +903,10 @@ def test_the_gates_lesson_steps_by_url_and_by_buttons(app):
     at.select_slider(key="w.learn.gamma").set_value(10.0).run()
     assert_clean(at)
     assert qp(at, "gamma") == "10" and qp(at, "step") == "4"
+    at.button_group(key="w.learn.lesson").set_value("ties").run()  # another lesson starts at step 1
+    assert step_title(at) == "Step 1 of 5: Task vectors"
+    at.button_group(key="w.learn.lesson").set_value("gates").run()
+    at.select_slider(key="w.learn.step").set_value(4).run()
     assert "γ = 10" in chart(at, "lesson_gates_strength")["data"][-1]["name"] or \
         any("γ = 10" in str(a.get("text")) for a in chart(at, "lesson_gates_strength")["layout"]["annotations"])
     at.button(key="step_next").click().run()

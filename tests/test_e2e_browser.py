@@ -229,7 +229,7 @@ def test_first_paint_on_a_fresh_server_never_lists_file_names(quick_zoo, browser
         assert any("k = 33" in t for t in chart_titles(page)), chart_titles(page)
         seen = set(page.evaluate("() => Array.from(window.__navSeen)"))
         assert seen, "no navigation was drawn"
-        assert seen <= {"Models", "Merge", "Interference", "Sweep", "Continual", "History"}, seen
+        assert seen <= {"Models", "Merge", "Interference", "Sweep", "Continual", "History", "Learn"}, seen
         assert not seen & {"app", "shared", "merge", "models", "sweep", "continual", "interference", "history"}, seen
         page.close()
     finally:

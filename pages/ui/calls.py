@@ -34,7 +34,7 @@ from .state import current_view
 Progress = Callable[[float, str], None]
 OWNER = "job_owner"
 POLL_S = 0.5
-QUICK_S = 0.05  # a job this quick finishes before any status is drawn (no flicker)
+QUICK_S = 1.0  # a job this quick (a slider's merge) shows no status box: the chart does not jump
 log = logging.getLogger("engine.runs")
 
 

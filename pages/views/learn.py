@@ -23,11 +23,20 @@ TIES_K_DEFAULT = 20.0
 state.start_page("learn")
 st.title("Learn")
 act = sections.active()
+STEP_KEY = "w.learn.step"
+
+
+def _first_step() -> None:
+    """Another lesson starts at its first step."""
+    state.settings()["step"] = 1
+    st.session_state[STEP_KEY] = 1
+
+
 lesson = state.bind(st.segmented_control, "lesson", "ties", "Lesson", list(LESSONS), format_func=LESSONS.get,
-                    valid=lambda v: v in LESSONS, help="Pick a lesson; each one walks through a method in a few steps.")
+                    valid=lambda v: v in LESSONS, on_change=_first_step,
+                    help="Pick a lesson; each one walks through a method in a few steps.")
 lesson = lesson or "ties"
 steps = TIES_STEPS if lesson == "ties" else GATE_STEPS
-STEP_KEY = "w.learn.step"
 
 
 def _move(delta: int) -> None:
