@@ -139,6 +139,7 @@ def test_gate_plane_projects_the_new_gates_update_off_the_protected_directions(q
     tasks = suite.task_names()[:3]
     plane = gate_plane(suite, tasks, limit=40).to_json()
     assert plane["earlier"] == tasks[:2] and plane["new"] == tasks[2] and set(plane["clouds"]) == set(tasks)
+    assert plane["input_dim"] == suite.theta0()[plane["layer"] + ".weight"].shape[1]
     assert plane["protected"] and len(plane["relaxed"]) == len(GAMMAS)
     # γ = 0 is the hard projection: nothing survives along a protected direction; larger γ lets more
     # through, monotonically, and never more than the whole update

@@ -44,6 +44,7 @@ class GatePlane:
     kept_along_protected: list[list[float]]  # [direction][γ]: share of the update along it that survives
     kept_norm: dict[str, float]              # γ -> ‖projected‖ / ‖raw‖ in the full input space
     arrow_scale: float                       # arrows are unit vectors × this, so they read next to the clouds
+    input_dim: int = 0                       # numbers per input vector of the layer (the plane shows 2)
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def gate_plane(source, order: Sequence[str], *, layer: str = DEFAULT_LAYER, conf
         relaxed={g: (v @ plane / descent.norm().clamp(min=1e-12)).tolist() for g, v in relaxed_full.items()},
         kept_along_protected=kept_along,
         kept_norm={g: float(v.norm() / descent.norm().clamp(min=1e-12)) for g, v in relaxed_full.items()},
-        arrow_scale=radius, config=asdict(config))
+        arrow_scale=radius, input_dim=int(basis.shape[0]), config=asdict(config))
 
 
 @torch.no_grad()

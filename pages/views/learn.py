@@ -146,9 +146,9 @@ def ties_lesson() -> dict:
                              "left: TIES's merged change; middle: Task Arithmetic's plain sum; right: their "
                              f"difference. TIES leaves {c['reset_cells']} cells at θ₀, where no task kept a value.")
     else:
-        st.markdown("**What TIES did to this block.** Trim dropped most values, the election settled the conflicts, "
-                    "and the merge kept only agreeing changes. The numbers come from the engine's own TIES on the "
-                    "whole model, with the model-wide trim thresholds.")
+        st.markdown("**What TIES did to this block:** trim dropped most values, the election settled the conflicts, "
+                    "and the merge kept only agreeing changes. Every number here is the engine's own TIES run on the "
+                    "whole model (with its model-wide trim thresholds), cut to this block.")
         sections.show_figure(lesson_figures.lesson_counts(block), "lesson_ties_counts",
                              "each bar counts one effect of a TIES step on this block; the label says out of how many.")
         st.markdown("Now see the same setting on the whole model:")
@@ -213,9 +213,9 @@ def gates_lesson() -> dict:
         return {"gate_tasks": ",".join(tasks)}
     earlier, new = ", ".join(plane["earlier"]), plane["new"]
     if step == 1:
-        st.markdown(f"MINGLE adds tasks one at a time. Each layer sees one input vector per image patch. Here are "
-                    f"the inputs of `{plane['layer']}` for {earlier} (merged earlier) and {new} (the new task), "
-                    "flattened to 2-D so they fit on the screen.")
+        st.markdown(f"MINGLE adds tasks one at a time, and each layer of the model sees one input vector per image "
+                    f"patch. Here are the inputs of `{plane['layer']}` for {earlier} (merged earlier) and {new} "
+                    f"(the new task), flattened from {plane['input_dim']} numbers to 2 so they fit on the screen.")
         fig = lesson_figures.gate_plane({**plane, "protected": [], "raw": None, "hard": None, "relaxed": {}},
                                         gamma=gamma)
         sections.show_figure(fig, "lesson_gates_inputs",
@@ -230,9 +230,10 @@ def gates_lesson() -> dict:
                              f"dotted lines: the {len(plane['protected'])} protected directions of this layer "
                              "(seen from the 2-D view, so some look short).")
     elif step == 3:
-        st.markdown("The new task gets a **gate**: a small score that switches its expert on. Training moves the "
-                    "gate along its gradient (grey). MINGLE first removes the part along protected directions "
-                    "(red), so inputs like the earlier tasks' do not switch the new expert on.")
+        st.markdown("The new task gets a **gate**, a score computed from the input that switches its expert on, and "
+                    "training nudges the gate in the direction that helps the new task most (grey). MINGLE first "
+                    "removes the part of that nudge along protected directions (red), so inputs like the earlier "
+                    "tasks' do not switch the new expert on.")
         fig = lesson_figures.gate_plane({**plane, "relaxed": {}}, gamma=gamma)
         hard_share = plane["kept_norm"]["0"]
         sections.show_figure(fig, "lesson_gates_update",
