@@ -678,8 +678,9 @@ def wrap_title(text: str, max_chars: int) -> str:
 
 
 def fit_for_screen(fig: go.Figure, *, projector: bool = False, title_chars: int = 70) -> go.Figure:
-    """A copy of `fig` whose title fits a narrow (1024 px) screen; with `projector`, every text in it
-    is at least PROJECTOR_FONT px and the chart is taller, for presenter mode."""
+    """A copy of `fig` whose title, x-axis titles and annotations wrap at about `title_chars`
+    characters, so nothing is cut on a narrow (1024 px) screen; with `projector`, every text in it is
+    at least PROJECTOR_FONT px and the chart is taller, for presenter mode."""
     out = go.Figure(fig)
     title = out.layout.title.text or ""
     if projector:

@@ -62,11 +62,11 @@ forward.button("Next", key="step_next", icon=":material/arrow_forward:", on_clic
 
 
 @st.cache_data(show_spinner="Running TIES on the whole model…", max_entries=64)
-def ties_block(source_key: str, tasks: tuple[str, ...], tensor: str, row: int, col: int, k: float,
-               _act) -> dict:
-    from engine.analysis.ties_steps import ties_block as compute
+def lesson_block(source_key: str, tasks: tuple[str, ...], tensor: str, row: int, col: int, k: float,
+                 _act) -> dict:
+    from engine.analysis.ties_steps import ties_block
 
-    return compute(_act.stack, list(tasks), tensor, row=row, col=col, k=k).to_json()
+    return ties_block(_act.stack, list(tasks), tensor, row=row, col=col, k=k).to_json()
 
 
 def ties_lesson() -> dict:
@@ -107,7 +107,7 @@ def ties_lesson() -> dict:
                              step=1.0, valid=lambda v: isinstance(v, (int, float)) and 1 <= v <= 100,
                              help="Each task vector keeps only its k % largest changes (counted over the whole "
                                   "model); everything smaller is reset to the pretrained value."))
-    block = ties_block(act.key, tuple(tasks), tensor, row, col, k, act)
+    block = lesson_block(act.key, tuple(tasks), tensor, row, col, k, act)
     c = block["counts"]
 
     if step == 1:
