@@ -684,12 +684,14 @@ def fit_for_screen(fig: go.Figure, *, projector: bool = False, title_chars: int 
     out = go.Figure(fig)
     title = out.layout.title.text or ""
     if projector:
-        big, title_size = PROJECTOR_FONT, PROJECTOR_FONT + 6
         title_chars = int(title_chars * 0.8)  # larger letters, but no sidebar: a wider chart
+    wrapped = wrap_title(title, title_chars)
+    if projector:
+        big, title_size = PROJECTOR_FONT, PROJECTOR_FONT + 6
         out.update_layout(font=dict(size=big, color="#111"), legend=dict(font=dict(size=big)),
                           hoverlabel=dict(font=dict(size=big)),
                           height=int((out.layout.height or 450) * 1.2),
-                          margin=dict(l=90, r=30, t=130 if "<br>" in wrap_title(title, title_chars) else 100, b=90))
+                          margin=dict(l=90, r=30, t=130 if "<br>" in wrapped else 100, b=90))
         out.update_xaxes(tickfont=dict(size=big), title_font=dict(size=big + 2))
         out.update_yaxes(tickfont=dict(size=big), title_font=dict(size=big + 2))
         for annotation in out.layout.annotations or ():
@@ -706,7 +708,6 @@ def fit_for_screen(fig: go.Figure, *, projector: bool = False, title_chars: int 
     for annotation in out.layout.annotations or ():
         if annotation.text:
             annotation.text = wrap_title(annotation.text, title_chars)
-    wrapped = wrap_title(title, title_chars)
     if wrapped != title:
         out.update_layout(title=dict(text=wrapped))
         top = (out.layout.margin.t or 80) + (30 if projector else 22) * wrapped.count("<br>")

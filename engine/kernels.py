@@ -282,23 +282,30 @@ def ties_disjoint_block(kept: torch.Tensor, sign: torch.Tensor, disjoint: str, s
     return scale * agreed, agree
 
 
+TORCH_CHUNK = 1 << 22  # entries per chunk of the torch path: memory stays at a few T x chunk
+
+
+def _elected_chunks(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch.Tensor, tie_rule: str):
+    """Trim and elect over the stack chunk by chunk: (segment, start, end, sign, tie) per chunk."""
+    for s in range(len(seg_starts) - 1):
+        for a in range(int(seg_starts[s]), int(seg_starts[s + 1]), TORCH_CHUNK):
+            b = min(a + TORCH_CHUNK, int(seg_starts[s + 1]))
+            sign, tie = ties_elect_block(ties_trim_block(data[:, a:b], thresholds[:, s:s + 1]), tie_rule)
+            yield s, a, b, sign, tie
+
+
 def ties_merge_torch(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch.Tensor, *, disjoint: str,
                      scale: float, tie_rule: str) -> torch.Tensor:
     """Reference-grade torch implementation, chunked by segment so memory stays at a few T x chunk.
     Its three steps are the `ties_*_block` functions, which the TIES lesson shows one by one."""
     out = torch.empty(data.shape[1], dtype=torch.float32, device=data.device)
     thresholds = thresholds.to(data.device)
-    signs: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+    signs = list(_elected_chunks(data, seg_starts, thresholds, tie_rule))
     elected_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     n_ties = 0
-    step = 1 << 22
-    for s in range(len(seg_starts) - 1):
-        for a in range(int(seg_starts[s]), int(seg_starts[s + 1]), step):
-            b = min(a + step, int(seg_starts[s + 1]))
-            sign, tie = ties_elect_block(ties_trim_block(data[:, a:b], thresholds[:, s:s + 1]), tie_rule)
-            n_ties += int(tie.sum())
-            elected_sum += sign.sum(dtype=torch.float64)
-            signs.append((s, a, b, sign, tie))
+    for *_, sign, tie in signs:
+        n_ties += int(tie.sum())
+        elected_sum += sign.sum(dtype=torch.float64)
     majority = float(torch.sign(elected_sum)) if tie_rule == "global_majority" and n_ties else 0.0
     for s, a, b, sign, tie in signs:
         kept = ties_trim_block(data[:, a:b], thresholds[:, s:s + 1])
@@ -308,15 +315,10 @@ def ties_merge_torch(data: torch.Tensor, seg_starts: np.ndarray, thresholds: tor
 
 def ties_majority_sign(data: torch.Tensor, seg_starts: np.ndarray, thresholds: torch.Tensor) -> float:
     """The model-wide majority sign that "global_majority" gives exact ties (0.0 when none tie)."""
-    thresholds = thresholds.to(data.device)
     total, n_ties = 0.0, 0
-    step = 1 << 22
-    for s in range(len(seg_starts) - 1):
-        for a in range(int(seg_starts[s]), int(seg_starts[s + 1]), step):
-            b = min(a + step, int(seg_starts[s + 1]))
-            sign, tie = ties_elect_block(ties_trim_block(data[:, a:b], thresholds[:, s:s + 1]), "global_majority")
-            total += float(sign.sum(dtype=torch.float64))
-            n_ties += int(tie.sum())
+    for *_, sign, tie in _elected_chunks(data, seg_starts, thresholds.to(data.device), "global_majority"):
+        total += float(sign.sum(dtype=torch.float64))
+        n_ties += int(tie.sum())
     return float(np.sign(total)) if n_ties else 0.0
 
 

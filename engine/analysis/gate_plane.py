@@ -93,7 +93,6 @@ def gate_plane(source, order: Sequence[str], *, layer: str = DEFAULT_LAYER, conf
     radius = float((earlier_tokens @ plane).norm(dim=1).median())
 
     descent = -gradient
-    hard, _ = relaxed_projection(descent, basis, torch.zeros(basis.shape[1]), beta=config.beta, gamma=0.0)
     relaxed_full = {}
     for gamma in GAMMAS:
         score = torch.zeros(basis.shape[1])
@@ -101,9 +100,11 @@ def gate_plane(source, order: Sequence[str], *, layer: str = DEFAULT_LAYER, conf
         for _ in range(max(1, config.steps)):  # the score after the config's steps at this alignment
             projected, score = relaxed_projection(descent, basis, score, beta=config.beta, gamma=gamma)
         relaxed_full[f"{gamma:g}"] = projected
+    length = descent.norm().clamp(min=1e-12)
 
     def on_plane(v: torch.Tensor) -> list[float]:
-        return (v / v.norm().clamp(min=1e-12) @ plane).tolist()
+        """`v` in the plane, in units of the unprojected update's length."""
+        return (v @ plane / length).tolist()
 
     along = descent @ basis
     shown = min(basis.shape[1], 3)
@@ -112,10 +113,10 @@ def gate_plane(source, order: Sequence[str], *, layer: str = DEFAULT_LAYER, conf
     return GatePlane(
         layer=layer, earlier=list(earlier), new=new, clouds=clouds,
         protected=[(basis[:, j] @ plane).tolist() for j in range(basis.shape[1])],
-        raw=on_plane(descent), hard=(hard @ plane / descent.norm().clamp(min=1e-12)).tolist(),
-        relaxed={g: (v @ plane / descent.norm().clamp(min=1e-12)).tolist() for g, v in relaxed_full.items()},
+        raw=on_plane(descent), hard=on_plane(relaxed_full["0"]),  # GAMMAS starts at 0: the hard projection
+        relaxed={g: on_plane(v) for g, v in relaxed_full.items()},
         kept_along_protected=kept_along,
-        kept_norm={g: float(v.norm() / descent.norm().clamp(min=1e-12)) for g, v in relaxed_full.items()},
+        kept_norm={g: float(v.norm() / length) for g, v in relaxed_full.items()},
         arrow_scale=radius, input_dim=int(basis.shape[0]), config=asdict(config))
 
 

@@ -43,8 +43,7 @@ class TiesBlock:
     counts: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
-        return out
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
 
 def block_tensors(stack) -> list[str]:
@@ -80,7 +79,8 @@ def ties_block(stack, tasks: Sequence[str], tensor: str, *, row: int = 0, col: i
     segment = 0 if config.trim == "global" else sub.names.index(tensor)
     where = torch.as_tensor(index, device=sub.data.device)
     block = sub.data[:, where].float()
-    kept_values = kernels.ties_trim_block(block, thresholds[:, segment:segment + 1].to(block.device))
+    threshold = thresholds[:, segment:segment + 1].to(block.device)  # per task, for this tensor
+    kept_values = kernels.ties_trim_block(block, threshold)
     sign, tie = kernels.ties_elect_block(kept_values, config.tie_rule)
     if config.tie_rule == "global_majority" and bool(tie.any()):
         sign = kernels.ties_resolve_ties(sign, tie, kernels.ties_majority_sign(sub.data, starts, thresholds))
@@ -89,7 +89,7 @@ def ties_block(stack, tasks: Sequence[str], tensor: str, *, row: int = 0, col: i
     def grid(t: torch.Tensor) -> np.ndarray:
         return t.detach().cpu().numpy().reshape(*t.shape[:-1], rows, cols)
 
-    kept = block.abs() >= thresholds[:, segment:segment + 1].to(block.device)
+    kept = block.abs() >= threshold
     merged = grid(merged_full[where])
     ta = grid(block.sum(0))
     positive, negative = (kept_values > 0).any(0), (kept_values < 0).any(0)

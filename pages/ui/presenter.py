@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from .state import bind, setting
-
-SETTING = "present"
+from .state import PRESENT, bind, setting, settings
 
 # Metric labels and deltas wrap instead of ending in "…" (a 1024 px laptop cut "Average acc…"), and a
 # label leaves room for its help icon, which a wrapped label would push out of the column.
@@ -40,27 +38,25 @@ h1 { font-size: 3rem !important; }
 
 
 def is_on() -> bool:
-    return bool(setting(SETTING, False))
+    return bool(setting(PRESENT, False))
 
 
 def apply() -> None:
     """Draw the mode's switch (sidebar toggle, or a Leave button when the sidebar is hidden) and its CSS."""
     if not is_on():
         with st.sidebar:
-            bind(st.toggle, SETTING, False, "Presenter mode",
+            bind(st.toggle, PRESENT, False, "Presenter mode",
                  help="For a projector: hides this sidebar, makes text and charts larger; ← and → step through "
                       "a lesson. The link gets present=1, so you can bookmark it.")
     css = NARROW_CSS
     if is_on():
         css += PRESENTER_CSS
-        st.button("Leave presenter mode", key="leave_presenter", on_click=_set, args=(False,), icon=":material/close:",
+        st.button("Leave presenter mode", key="leave_presenter", on_click=_leave, icon=":material/close:",
                   help="Show the sidebar and the normal text size again.")
     st.html(f"<style>{css}</style>")
 
 
-def _set(on: bool) -> None:
-    from .state import settings
-
-    settings()[SETTING] = on
-    for key in [k for k in st.session_state if str(k).endswith(f".{SETTING}")]:
+def _leave() -> None:
+    settings()[PRESENT] = False
+    for key in [k for k in st.session_state if str(k).endswith(f".{PRESENT}")]:  # the toggle's widget state
         del st.session_state[key]

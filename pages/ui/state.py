@@ -15,7 +15,7 @@ import streamlit as st
 SETTINGS = "settings"
 PAGE_KEY = "page"  # which script is drawing widgets now (see start_page)
 START_URL = "start_url"
-SOURCE_PARAMS = ("source", "suite", "folder", "limit", "present")  # owned by the sidebar; kept on every page
+PRESENT = "present"  # presenter mode's setting and URL key (pages/ui/presenter.py): kept on every page
 
 
 def start_page(name: str) -> None:
@@ -120,7 +120,7 @@ DEFAULT_LIMIT = 200  # images per task: a slider's merge + evaluation stays well
 
 def sync_url(params: dict[str, Any]) -> None:
     """Make the URL hold exactly the source and these settings (None values are left out)."""
-    every_page = {"present": 1 if settings().get("present") else None}  # presenter mode (pages/ui/presenter.py)
+    every_page = {PRESENT: 1 if settings().get(PRESENT) else None}
     wanted = {k: _url_string(v) for k, v in {**source_url_params(), **every_page, **params}.items() if v is not None}
     if dict(st.query_params) != wanted:
         st.query_params.from_dict(wanted)

@@ -26,24 +26,21 @@ act = sections.active()
 STEP_KEY = "w.learn.step"
 
 
-def _first_step() -> None:
-    """Another lesson starts at its first step."""
-    state.settings()["step"] = 1
-    st.session_state[STEP_KEY] = 1
+def _set_step(step: int) -> None:
+    """Go to `step` (a button's or the lesson switch's callback: the step widget follows)."""
+    state.settings()["step"] = step
+    st.session_state[STEP_KEY] = step
 
 
 lesson = state.bind(st.segmented_control, "lesson", "ties", "Lesson", list(LESSONS), format_func=LESSONS.get,
-                    valid=lambda v: v in LESSONS, on_change=_first_step,
+                    valid=lambda v: v in LESSONS, on_change=_set_step, args=(1,),  # another lesson: step 1
                     help="Pick a lesson; each one walks through a method in a few steps.")
 lesson = lesson or "ties"
 steps = TIES_STEPS if lesson == "ties" else GATE_STEPS
 
 
 def _move(delta: int) -> None:
-    now = int(state.settings().get("step", 1))
-    new = min(max(now + delta, 1), len(steps))
-    state.settings()["step"] = new
-    st.session_state[STEP_KEY] = new
+    _set_step(min(max(int(state.settings().get("step", 1)) + delta, 1), len(steps)))
 
 
 step = int(state.bind(st.select_slider, "step", 1, "Step", options=list(range(1, len(steps) + 1)),
