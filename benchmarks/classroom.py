@@ -5,8 +5,9 @@ folder), then drives Debian's headless Chromium through Playwright (never a down
 never an address other than 127.0.0.1). Two phases, in the same run:
 
 1. single session: one page on Merge (TIES), λ moved --moves times, nobody else on the server;
-2. classroom: --sessions pages at once, each opened on Merge with its own k and λ from the URL,
-   each moving its λ slider --moves times as fast as the app answers.
+2. classroom: --sessions pages at once, each opened on Merge with its own k and λ from the URL;
+   once every page has loaded (as students open the link, then play), each moves its λ slider
+   --moves times as fast as the app answers.
 
 Latency is key press -> the accuracy chart in that page shows the new λ in its title and new bars
 (what a student waits for). At the end every classroom page must show *its own* settings: the
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py sets it for the server
 
 from browser_harness import (ARTIFACTS, CHART_DATA_JS, CHART_TITLES_JS, CHARTS_DRAWN_JS, CHROMIUM,  # noqa: E402
-                             CHROMIUM_ARGS, RUN_FINISHED_JS, VIEWPORT, is_local, start_server, stop_server,
+                             CHROMIUM_ARGS, POLL_MS, RUN_FINISHED_JS, VIEWPORT, is_local, start_server, stop_server,
                              wait_until_healthy)
 
 MAX_SESSIONS, MAX_MOVES = 40, 20
@@ -59,13 +60,13 @@ def settings_for(i: int) -> tuple[float, float]:
 
 async def settle(page) -> None:
     await page.wait_for_timeout(200)
-    await page.wait_for_function(RUN_FINISHED_JS, timeout=STEP_TIMEOUT_MS)
+    await page.wait_for_function(RUN_FINISHED_JS, timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
 
 
 async def title_shows(page, k: float, lam: float) -> None:
     text = f"k = {k:g}, λ = {lam:g}:"
     await page.wait_for_function(f"(s) => ({CHART_TITLES_JS})().some(t => t.includes(s))", arg=text,
-                                 timeout=STEP_TIMEOUT_MS)
+                                 timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
 
 
 async def errors_on(page) -> list[str]:
@@ -77,8 +78,10 @@ async def errors_on(page) -> list[str]:
     return found
 
 
-async def student(browser, server: str, i: int, moves: int, direction: str, report: dict) -> None:
-    """One browser session: open Merge with its own k and λ, move λ `moves` times, check the end state."""
+async def student(browser, server: str, i: int, moves: int, direction: str, report: dict,
+                  all_loaded: asyncio.Barrier | None = None, on_all_loaded=None) -> None:
+    """One browser session: open Merge with its own k and λ, wait for the other sessions to have
+    loaded (`all_loaded`), move λ `moves` times, check the end state."""
     k, lam = settings_for(i)
     page = await browser.new_page(viewport=VIEWPORT)
     requests: list[str] = []
@@ -87,9 +90,12 @@ async def student(browser, server: str, i: int, moves: int, direction: str, repo
     report["sessions"].append(me)
     try:
         await page.goto(f"{server}/merge?method=ties&k={k:g}&lam={lam:g}")
-        await page.wait_for_function(CHARTS_DRAWN_JS, arg=1, timeout=STEP_TIMEOUT_MS)
+        await page.wait_for_function(CHARTS_DRAWN_JS, arg=1, timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
         await title_shows(page, k, lam)
         await settle(page)
+        if all_loaded is not None:
+            if await asyncio.wait_for(all_loaded.wait(), STEP_TIMEOUT_MS / 1000) == 0:
+                on_all_loaded()  # once, when the last page has loaded
         slider = page.locator('[data-testid="stSlider"]', has_text=LAM_LABEL).locator('input[type="range"]').first
         for _ in range(moves):
             lam = round(lam + (LAM_STEP if direction == "ArrowRight" else -LAM_STEP), 2)
@@ -98,7 +104,8 @@ async def student(browser, server: str, i: int, moves: int, direction: str, repo
             t0 = time.perf_counter()
             await slider.press(direction)
             await title_shows(page, k, lam)
-            await page.wait_for_function(f"(b) => ({CHART_DATA_JS})(0) !== b", arg=before, timeout=STEP_TIMEOUT_MS)
+            await page.wait_for_function(f"(b) => ({CHART_DATA_JS})(0) !== b", arg=before,
+                                         timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
             me["latencies"].append(time.perf_counter() - t0)
             await settle(page)
         me["lam_end"] = lam
@@ -186,7 +193,7 @@ async def run(args, server: str, log_path: Path, server_pid: int) -> dict:
         await warm.goto(server)
         await settle(warm)
         await warm.goto(f"{server}/merge?method=ties")
-        await warm.wait_for_function(CHARTS_DRAWN_JS, arg=1, timeout=STEP_TIMEOUT_MS)
+        await warm.wait_for_function(CHARTS_DRAWN_JS, arg=1, timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
         await settle(warm)
         await warm.close()
 
@@ -198,12 +205,24 @@ async def run(args, server: str, log_path: Path, server_pid: int) -> dict:
 
         merges_before = log_path.read_text().count("job started: merge")
         t0, server_cpu, machine_cpu = time.perf_counter(), cpu_seconds(server_pid), cpu_seconds()
-        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report)
+        loaded: dict[str, float] = {}
+
+        def mark_loaded() -> None:
+            loaded.update(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds())
+
+        all_loaded = asyncio.Barrier(args.sessions)
+        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report, all_loaded, mark_loaded)
                                for i in range(args.sessions)))
         report["classroom_wall_s"] = time.perf_counter() - t0
-        # Where the CPU went: the app server, or everything else (the browsers, this script).
+        # Where the CPU went: the app server, or everything else (the browsers, this script),
+        # while the pages loaded and while the students moved their sliders.
         report["classroom_cpu_s"] = {"server": cpu_seconds(server_pid) - server_cpu,
                                      "machine": cpu_seconds() - machine_cpu}
+        if loaded:
+            report["loading_s"] = loaded["t"] - t0
+            report["moves_cpu_s"] = {"server": cpu_seconds(server_pid) - loaded["server"],
+                                     "machine": cpu_seconds() - loaded["machine"],
+                                     "wall": time.perf_counter() - loaded["t"]}
         report["classroom_merges"] = log_path.read_text().count("job started: merge") - merges_before
         await browser.close()
     return report
@@ -260,6 +279,11 @@ def main() -> int:
     print(f"classroom CPU: {cpu['machine']:.0f} s on the machine, of which the app server {cpu['server']:.0f} s "
           f"({100 * cpu['server'] / max(cpu['machine'], 1e-9):.0f} %); the rest is the {args.sessions} browsers "
           f"and this script, which a real class runs on its own machines")
+    if "moves_cpu_s" in report:
+        moves = report["moves_cpu_s"]
+        print(f"  of which while sliders moved (after all {args.sessions} pages had loaded in "
+              f"{report['loading_s']:.1f} s): {moves['machine']:.0f} s in {moves['wall']:.1f} s wall, the app server "
+              f"{moves['server']:.0f} s")
     print(f"errors: {sum(len(e) for e in errors.values())} {errors if errors else ''}")
     print(f"cross-talk: {len(crossed)} session(s) {crossed if crossed else ''}")
     print(f"requests that left the server: {len(outside)} {outside[:3] if outside else ''}")

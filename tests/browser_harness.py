@@ -28,6 +28,10 @@ STARTUP_TIMEOUT_S = 90
 STEP_TIMEOUT_MS = 180_000  # first merge on a cold server JIT-compiles the kernels
 
 # Streamlit has finished the current script run when its status widget ("Running...") is gone.
+# How often a waiting check runs in the page. Playwright's default re-runs it on every animation
+# frame in every open page, so the harness itself loads the machine whose latency it measures;
+# every 50 ms keeps the latency's resolution well under 0.1 s.
+POLL_MS = 50
 RUN_FINISHED_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
 # The data of the i-th Plotly chart as the browser holds it (JSON of [name, y] per trace).
 CHART_DATA_JS = ("(i) => { const g = document.querySelectorAll('.js-plotly-plot')[i];"
@@ -140,7 +144,7 @@ def settle(page) -> None:
     """Wait until Streamlit has finished the current script run."""
     page.wait_for_selector('[data-testid="stAppViewContainer"]', timeout=STEP_TIMEOUT_MS)
     page.wait_for_timeout(300)
-    page.wait_for_function(RUN_FINISHED_JS, timeout=STEP_TIMEOUT_MS)
+    page.wait_for_function(RUN_FINISHED_JS, timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
     page.wait_for_timeout(300)
 
 
@@ -167,7 +171,8 @@ def go(page, nav_title: str) -> None:
 
 def wait_for_url_param(page, fragment: str) -> None:
     """The app writes its settings into the URL at the end of a run: wait for `fragment` there."""
-    page.wait_for_function("(f) => window.location.href.includes(f)", arg=fragment, timeout=STEP_TIMEOUT_MS)
+    page.wait_for_function("(f) => window.location.href.includes(f)", arg=fragment, timeout=STEP_TIMEOUT_MS,
+                           polling=POLL_MS)
 
 
 def chart_data(page, index: int = 0) -> str:
@@ -179,12 +184,12 @@ def wait_for_images(page) -> None:
     page.wait_for_function(
         "() => { const imgs = Array.from(document.querySelectorAll('[data-testid=\"stImage\"] img'));"
         " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }",
-        timeout=STEP_TIMEOUT_MS)
+        timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
 
 
 def wait_for_charts(page, n: int) -> None:
     """Plotly draws after the script run ends: wait until n charts hold data."""
-    page.wait_for_function(CHARTS_DRAWN_JS, arg=n, timeout=STEP_TIMEOUT_MS)
+    page.wait_for_function(CHARTS_DRAWN_JS, arg=n, timeout=STEP_TIMEOUT_MS, polling=POLL_MS)
 
 
 def chart_titles(page) -> list[str]:
@@ -200,7 +205,8 @@ def nudge_slider(page, label: str, key: str, times: int) -> list[float]:
         slider.focus()
         t0 = time.perf_counter()
         slider.press(key)
-        page.wait_for_function(f"(b) => ({CHART_DATA_JS})(0) !== b", arg=before, timeout=STEP_TIMEOUT_MS)
+        page.wait_for_function(f"(b) => ({CHART_DATA_JS})(0) !== b", arg=before, timeout=STEP_TIMEOUT_MS,
+                               polling=POLL_MS)
         latencies.append(time.perf_counter() - t0)
         settle(page)
     return latencies
