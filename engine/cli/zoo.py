@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="zoo_command", metavar="ACTION")
     build = actions.add_parser("build", help="build the zoo (a no-op when an up-to-date one exists)",
                                description="Render the tasks, pretrain, fine-tune one expert per task and "
-                                           "measure accuracies (about 6 minutes on 2 CPU cores; --quick: seconds).")
+                                           "measure accuracies (about half an hour on 2 CPU cores; --quick: seconds).")
     build.add_argument("--dir", default=None, help="zoo folder (default: $MERGE_EXPLORER_ZOO or .zoo/demo)")
     build.add_argument("--quick", action="store_true", help="a small 4-task zoo in well under a minute (for tests)")
     build.add_argument("--force", action="store_true", help="rebuild even if an up-to-date zoo is there")
