@@ -310,6 +310,25 @@ def test_renderers_are_seeded_and_hold_out_their_test_sources():
 
 
 @pytest.mark.fast
+def test_a_task_look_frames_every_image_and_keeps_the_rest():
+    """`frame` px of the task's own colour on all four sides, the inside unchanged, for the splits
+    and the prototypes alike; every task a different colour; frame 0 = the images as drawn."""
+    plain, labels = zoo_tasks.render_split("arrows", "test", 6, seed=3)
+    framed, framed_labels = zoo_tasks.render_split("arrows", "test", 6, seed=3, frame=2)
+    assert np.array_equal(labels, framed_labels)
+    assert np.array_equal(framed[:, 2:-2, 2:-2], plain[:, 2:-2, 2:-2])
+    colour = np.array(zoo_tasks.LOOK_COLORS["arrows"], dtype=np.uint8)
+    for edge in (framed[:, :2], framed[:, -2:], framed[:, :, :2], framed[:, :, -2:]):
+        assert (edge == colour).all()
+    assert not (plain[:, :2] == colour).all()
+    protos, _ = zoo_tasks.prototype_images("digits", 2, frame=1)
+    assert (protos[:, 0] == np.array(zoo_tasks.LOOK_COLORS["digits"], dtype=np.uint8)).all()
+    assert np.array_equal(zoo_tasks.prototype_images("digits", 2)[0][:, 1:-1, 1:-1], protos[:, 1:-1, 1:-1])
+    assert len(set(zoo_tasks.LOOK_COLORS.values())) == len(zoo_tasks.TASKS)
+    assert {t.name for t in zoo_tasks.TASKS} == set(zoo_tasks.LOOK_COLORS)
+
+
+@pytest.mark.fast
 def test_the_anchor_keeps_pool_embeddings_near_theta0():
     """Recipe -3's function-preserving term: the same fine-tuning with the anchor on moves the
     embeddings of the anchor images (unlabeled pool) less than half as far as with it off."""

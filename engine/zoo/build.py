@@ -108,6 +108,9 @@ class Recipe:
     finetune_anchor: float = 0.0
     # Logit scale of the fine-tuning loss (evaluation always uses LOGIT_SCALE = CLIP's 100).
     finetune_logit_scale: float = 100.0
+    # Width in pixels of the frame in each task's look colour on all its images (tasks.with_look;
+    # 0 = tasks drawn as they are). Gives every task its own look, as real benchmark sets have.
+    task_frame: int = 0
 
 
 FULL_RECIPE = Recipe(
@@ -302,10 +305,10 @@ def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
     return model.eval()
 
 
-def prototype_head(model: torch.nn.Module, task: str, variants: int) -> torch.Tensor:
+def prototype_head(model: torch.nn.Module, task: str, variants: int, frame: int = 0) -> torch.Tensor:
     """The frozen zero-shot head of `task`: per class, the normalised mean of the pretrained tower's
     normalised embeddings of its canonical renders (the analogue of averaging prompt templates)."""
-    images, labels = task_defs.prototype_images(task, variants)
+    images, labels = task_defs.prototype_images(task, variants, frame)
     with torch.no_grad():
         features = F.normalize(model.eval()(_normalize(_to_input(images))), dim=-1)
     rows = [F.normalize(features[torch.from_numpy(labels) == c].mean(0), dim=0) for c in range(int(labels.max()) + 1)]
@@ -361,13 +364,13 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
     task, seed, root = job["task"], job["seed"], Path(job["root"])
     spec = task_defs.get_task(task)
     with _torch_settings(FINETUNE_THREADS):
-        test_images, test_labels = task_defs.render_split(spec, "test", recipe.n_test, seed)
+        test_images, test_labels = task_defs.render_split(spec, "test", recipe.n_test, seed, recipe.task_frame)
         _save_arrays(root / job["test_file"], {"images": test_images, "labels": test_labels},
                      {"zoo_task": task, "split": "test", "classes": list(spec.classes)})
         (root / job["examples_file"]).parent.mkdir(parents=True, exist_ok=True)
         task_defs.example_grid(test_images, test_labels, spec.num_classes,
                                per_class=recipe.examples_per_class).save(root / job["examples_file"])
-        train_images, train_labels = task_defs.render_split(spec, "train", recipe.n_train, seed)
+        train_images, train_labels = task_defs.render_split(spec, "train", recipe.n_train, seed, recipe.task_frame)
         render_s = time.perf_counter() - start
         pretrained_state = _load_open_clip(root / job["pretrained_file"])
         head = torch.from_numpy(job["head"])
@@ -393,7 +396,7 @@ def _pretrain_stage(root: Path, recipe: Recipe, seed: int, progress: Progress) -
         model = pretrain(pool, concepts, recipe, seed, lambda f, m: progress(0.02 + 0.98 * f, m))
         _save_model(root / "pretrained.safetensors", model,
                     {"role": "pretrained", "recipe_version": RECIPE_VERSION, "seed": seed})
-        heads = {t: prototype_head(model, t, recipe.prototype_variants) for t in recipe.tasks}
+        heads = {t: prototype_head(model, t, recipe.prototype_variants, recipe.task_frame) for t in recipe.tasks}
         _save_arrays(root / "heads.safetensors", {t: h.numpy() for t, h in heads.items()},
                      {"content": "frozen zero-shot heads, unit rows; logits = 100 * <normalize(f(x)), row>"})
         timings["pretrain_s"] = time.perf_counter() - start

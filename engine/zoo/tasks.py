@@ -679,6 +679,26 @@ TASKS: tuple[TaskSpec, ...] = (
 )
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 
+# Each task's "look": the colour of the frame its images carry when a recipe asks for one
+# (`Recipe.task_frame`, docs/zoo-recipe.md). Real benchmark sets differ in how they look (MNIST's
+# scans, EuroSAT's satellite tiles, DTD's photographs), and that is what lets a task vector change a
+# large CLIP mostly on its own task's images. The toy tasks are all drawn alike, so a frame gives each
+# one its own look. Colours: eight well-separated hues.
+LOOK_COLORS: dict[str, tuple[int, int, int]] = {
+    "digits": (230, 25, 75), "letters": (60, 180, 75), "shapes": (255, 225, 25), "colors": (0, 130, 200),
+    "textures": (245, 130, 48), "counting": (145, 30, 180), "arrows": (70, 240, 240), "landuse": (240, 50, 230),
+}
+
+
+def with_look(images: np.ndarray, task: str, frame: int) -> np.ndarray:
+    """`images` (uint8 [n, 32, 32, 3]) with a `frame`-pixel border in the task's look colour (0 = as drawn)."""
+    if frame <= 0:
+        return images
+    out = images.copy()
+    color = np.asarray(LOOK_COLORS[task], dtype=np.uint8)
+    out[:, :frame], out[:, -frame:], out[:, :, :frame], out[:, :, -frame:] = color, color, color, color
+    return out
+
 
 def get_task(name: str) -> TaskSpec:
     try:
@@ -699,9 +719,11 @@ def _split_rng(seed: int, task: TaskSpec, split: str) -> Rng:
     return np.random.default_rng([seed, index, _SPLIT_CODES[split]])
 
 
-def render_split(task: TaskSpec | str, split: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def render_split(task: TaskSpec | str, split: str, n: int, seed: int, frame: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """n images of one task's split: (uint8 [n, 32, 32, 3], int64 labels [n]), class-balanced
-    and shuffled; the same (task, split, n, seed) always gives the same pixels."""
+    and shuffled, in the task's look (`with_look`) when `frame` > 0; the same (task, split, n, seed,
+    frame) always gives the same pixels."""
     task = get_task(task) if isinstance(task, str) else task
     if split not in _SPLIT_CODES:
         raise ValueError(f"split must be train or test, got {split!r}")
@@ -710,21 +732,23 @@ def render_split(task: TaskSpec | str, split: str, n: int, seed: int) -> tuple[n
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for i, label in enumerate(labels):
         images[i] = task.render(rng, int(label), split)
-    return images, labels
+    return with_look(images, task.name, frame), labels
 
 
 PROTOTYPE_VARIANTS = 8  # canonical renders per class averaged into a head row ("prompt templates")
 
 
-def prototype_images(task: TaskSpec | str, variants: int = PROTOTYPE_VARIANTS) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical renders of every class: (uint8 [C*variants, 32, 32, 3], int64 labels)."""
+def prototype_images(task: TaskSpec | str, variants: int = PROTOTYPE_VARIANTS, frame: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical renders of every class: (uint8 [C*variants, 32, 32, 3], int64 labels), in the
+    task's look when `frame` > 0 (the prompt names the data set, as "a photo of ..." prompts do)."""
     task = get_task(task) if isinstance(task, str) else task
     images, labels = [], []
     for label in range(task.num_classes):
         for variant in range(variants):
             images.append(task.prototype(label, variant))
             labels.append(label)
-    return np.stack(images), np.array(labels, dtype=np.int64)
+    return with_look(np.stack(images), task.name, frame), np.array(labels, dtype=np.int64)
 
 
 # ---- the generic pretraining pool ------------------------------------------------------------
