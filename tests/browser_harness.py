@@ -27,11 +27,11 @@ VIEWPORT = {"width": 1400, "height": 1000}
 STARTUP_TIMEOUT_S = 90
 STEP_TIMEOUT_MS = 180_000  # first merge on a cold server JIT-compiles the kernels
 
-# Streamlit has finished the current script run when its status widget ("Running...") is gone.
 # How often a waiting check runs in the page. Playwright's default re-runs it on every animation
 # frame in every open page, so the harness itself loads the machine whose latency it measures;
 # every 50 ms keeps the latency's resolution well under 0.1 s.
 POLL_MS = 50
+# Streamlit has finished the current script run when its status widget ("Running...") is gone.
 RUN_FINISHED_JS = "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
 # The data of the i-th Plotly chart as the browser holds it (JSON of [name, y] per trace).
 CHART_DATA_JS = ("(i) => { const g = document.querySelectorAll('.js-plotly-plot')[i];"
