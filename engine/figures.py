@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
 # One colour per role, shared by every figure so a student learns them once.
@@ -36,8 +37,29 @@ METHOD_COLORS = {"average": "#9467bd", "task-arithmetic": "#ff7f0e", "ties": "#1
 _CYCLE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 BASELINE_NAME = "random-sign baseline"
+
+# The trace types these figures (and engine.lesson_figures) draw, and the parts of a template's
+# layout that 2-D charts of them read (no 3-D scenes, maps, polar or ternary axes).
+TRACE_TYPES = ("bar", "scatter", "heatmap")
+_TEMPLATE_LAYOUT_KEYS = ("autotypenumbers", "colorway", "font", "hovermode", "hoverlabel", "paper_bgcolor",
+                         "plot_bgcolor", "coloraxis", "colorscale", "xaxis", "yaxis", "shapedefaults",
+                         "annotationdefaults", "title")
+
+
+def lean_template(name: str = "plotly_white") -> go.layout.Template:
+    """Plotly's template `name` cut down to what TRACE_TYPES on 2-D axes use: the same look for these
+    figures. Plotly validates a template each time one is set or a figure is copied; the full
+    plotly_white (3-D, map, polar defaults for ~25 trace types) cost ~30 ms per figure each time, a
+    large share of the server's work per slider move when a class shares one server
+    (benchmarks/figure_build.py measures both)."""
+    full = pio.templates[name].to_plotly_json()
+    return go.layout.Template(layout={k: v for k, v in full["layout"].items() if k in _TEMPLATE_LAYOUT_KEYS},
+                              data={k: v for k, v in full["data"].items() if k in TRACE_TYPES})
+
+
+TEMPLATE = lean_template()
 _LAYOUT = dict(
-    template="plotly_white",
+    template=TEMPLATE,
     margin=dict(l=60, r=20, t=80, b=60),
     hovermode="closest",
 )

@@ -6,6 +6,8 @@ random-sign baseline drawn dashed where there is one.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
@@ -446,3 +448,48 @@ def test_sweep_lines_with_ri_same_colour_for_a_method_without_a_fixed_colour():
                _ri_sweep("my-method", "Mine", [55.0, 72.0, 60.0], True)]
     fig = figures.sweep_lines(results)
     assert trace(fig, "Mine (original experts)").line.color == trace(fig, "Mine + RI").line.color
+
+
+# --------------------------------------------------------------------------- the lean template
+
+
+def _trace_types_drawn(source: str) -> set[str]:
+    """Trace types a figure module constructs: go.Bar(...), fig.add_heatmap(...), ..."""
+    from plotly.basedatatypes import BaseTraceType
+
+    names = set()
+    for cls in re.findall(r"\bgo\.([A-Z]\w*)\(", source):
+        obj = getattr(go, cls, None)
+        if isinstance(obj, type) and issubclass(obj, BaseTraceType):
+            names.add(obj().type)
+    trace_names = {getattr(go, c)().type for c in dir(go)
+                   if isinstance(getattr(go, c), type) and issubclass(getattr(go, c), BaseTraceType)}
+    names |= {m for m in re.findall(r"\.add_(\w+)\(", source) if m in trace_names}
+    return names
+
+
+def test_figures_draw_only_trace_types_the_lean_template_styles():
+    """A trace type outside figures.TRACE_TYPES would get Plotly's bare defaults, not plotly_white's:
+    add it to TRACE_TYPES when a figure starts drawing it."""
+    root = Path(figures.__file__).parent
+    drawn = set()
+    for module in ("figures.py", "lesson_figures.py"):
+        drawn |= _trace_types_drawn((root / module).read_text())
+    assert drawn, "the scan found no traces: the regular expressions no longer match the code"
+    assert drawn <= set(figures.TRACE_TYPES), sorted(drawn - set(figures.TRACE_TYPES))
+    assert _trace_types_drawn("go.Histogram(x=[1]); fig.add_box(y=[1]); fig.add_hline(y=0)") == {"histogram", "box"}
+
+
+def test_lean_template_keeps_plotly_whites_look_for_2d_charts():
+    import plotly.io as pio
+
+    full = pio.templates["plotly_white"]
+    lean = figures.TEMPLATE
+    assert lean.layout.to_plotly_json() == {k: v for k, v in full.layout.to_plotly_json().items()
+                                            if k not in ("polar", "ternary", "scene", "geo")}
+    for kind in figures.TRACE_TYPES:
+        assert lean.data[kind] == full.data[kind]
+    assert len(lean.data.to_plotly_json()) == len(figures.TRACE_TYPES)
+    fig = figures.accuracy_bars(TASKS, {t: 50.0 for t in TASKS})
+    assert fig.layout.template == lean
+    assert fig.layout.template.layout.plot_bgcolor == "white"
