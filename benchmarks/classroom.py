@@ -79,9 +79,11 @@ async def errors_on(page) -> list[str]:
 
 
 async def student(browser, server: str, i: int, moves: int, direction: str, report: dict,
-                  all_loaded: asyncio.Barrier | None = None, on_all_loaded=None) -> None:
+                  all_loaded: asyncio.Barrier | None = None, on_all_loaded=None,
+                  all_done: asyncio.Barrier | None = None, on_all_done=None) -> None:
     """One browser session: open Merge with its own k and λ, wait for the other sessions to have
-    loaded (`all_loaded`), move λ `moves` times, check the end state."""
+    loaded (`all_loaded`), move λ `moves` times, check the end state, and keep the page open until
+    every session has finished (`all_done`: a closed page's CPU time can no longer be read)."""
     k, lam = settings_for(i)
     page = await browser.new_page(viewport=VIEWPORT)
     requests: list[str] = []
@@ -119,6 +121,10 @@ async def student(browser, server: str, i: int, moves: int, direction: str, repo
             await page.screenshot(path=str(ARTIFACTS / f"classroom-session-{i}-error.png"), full_page=True)
     finally:
         me["outside_requests"] = [u for u in requests if not is_local(u, server)]
+        if all_done is not None:
+            with contextlib.suppress(Exception):
+                if await asyncio.wait_for(all_done.wait(), STEP_TIMEOUT_MS / 1000) == 0:
+                    on_all_done()
         await page.close()
 
 
@@ -164,6 +170,25 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+def chromium_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the running Chromium processes, per process type (renderer: one per
+    page, runs its scripts and layout; gpu-process: compositing, in software here; browser; ...)."""
+    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if not command.split() or Path(command.split()[0]).name != CHROMIUM.name:
+            continue  # Debian's wrapper script execs /usr/lib/chromium/chromium; children rewrite argv
+        kind = next((a[len("--type="):] for a in command.split() if a.startswith("--type=")), "browser")
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def cpu_seconds(pid: int | None = None) -> float:
     """CPU seconds used so far by process `pid` (user + system), or by the whole machine (None)."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -207,22 +232,32 @@ async def run(args, server: str, log_path: Path, server_pid: int) -> dict:
         t0, server_cpu, machine_cpu = time.perf_counter(), cpu_seconds(server_pid), cpu_seconds()
         loaded: dict[str, float] = {}
 
-        def mark_loaded() -> None:
-            loaded.update(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds())
+        done: dict[str, float] = {}
 
-        all_loaded = asyncio.Barrier(args.sessions)
-        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report, all_loaded, mark_loaded)
+        def mark_loaded() -> None:
+            loaded.update(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds(),
+                          chromium=chromium_cpu_seconds())
+
+        def mark_done() -> None:
+            done.update(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds(),
+                        chromium=chromium_cpu_seconds())
+
+        all_loaded, all_done = asyncio.Barrier(args.sessions), asyncio.Barrier(args.sessions)
+        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report, all_loaded, mark_loaded,
+                                       all_done, mark_done)
                                for i in range(args.sessions)))
         report["classroom_wall_s"] = time.perf_counter() - t0
         # Where the CPU went: the app server, or everything else (the browsers, this script),
         # while the pages loaded and while the students moved their sliders.
         report["classroom_cpu_s"] = {"server": cpu_seconds(server_pid) - server_cpu,
                                      "machine": cpu_seconds() - machine_cpu}
-        if loaded:
+        if loaded and done:
             report["loading_s"] = loaded["t"] - t0
-            report["moves_cpu_s"] = {"server": cpu_seconds(server_pid) - loaded["server"],
-                                     "machine": cpu_seconds() - loaded["machine"],
-                                     "wall": time.perf_counter() - loaded["t"]}
+            report["moves_cpu_s"] = {"server": done["server"] - loaded["server"],
+                                     "machine": done["machine"] - loaded["machine"],
+                                     "wall": done["t"] - loaded["t"],
+                                     "chromium": {kind: done["chromium"][kind] - loaded["chromium"].get(kind, 0.0)
+                                                  for kind in done["chromium"]}}
         report["classroom_merges"] = log_path.read_text().count("job started: merge") - merges_before
         await browser.close()
     return report
@@ -284,6 +319,13 @@ def main() -> int:
         print(f"  of which while sliders moved (after all {args.sessions} pages had loaded in "
               f"{report['loading_s']:.1f} s): {moves['machine']:.0f} s in {moves['wall']:.1f} s wall, the app server "
               f"{moves['server']:.0f} s")
+        n_moves = len(classroom_lat) or 1
+        per_kind = sorted(moves["chromium"].items(), key=lambda kv: -kv[1])
+        print(f"  CPU per slider move: app server {moves['server'] / n_moves:.2f} s; Chromium "
+              + ", ".join(f"{kind} {seconds / n_moves:.2f} s" for kind, seconds in per_kind if seconds >= 0.005 * n_moves)
+              + f"; a round of {args.sessions} moves needs about "
+              f"{args.sessions * (moves['server'] + sum(moves['chromium'].values())) / n_moves / (os.cpu_count() or 1):.1f}"
+              f" s of all {os.cpu_count()} cores")
     print(f"errors: {sum(len(e) for e in errors.values())} {errors if errors else ''}")
     print(f"cross-talk: {len(crossed)} session(s) {crossed if crossed else ''}")
     print(f"requests that left the server: {len(outside)} {outside[:3] if outside else ''}")
