@@ -5,6 +5,7 @@ Uses the session's `--quick` zoo (conftest.py); one more quick build checks dete
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -358,3 +359,64 @@ def test_the_anchor_keeps_pool_embeddings_near_theta0():
 
     free, anchored = drift(base), drift(dataclasses.replace(base, finetune_anchor=10.0))
     assert anchored < 0.5 * free, (anchored, free)
+
+
+# ---- recipe experiments: variants of the recipe in their own folders ------------------------
+
+
+@pytest.mark.fast
+def test_recipe_fields_are_set_from_text_and_bad_ones_are_named():
+    from engine.zoo.build import recipe_with, variant_version
+
+    recipe = recipe_with(QUICK_RECIPE, {"task_frame": "2", "finetune_anchor": "5", "processes": "true",
+                                        "tasks": "digits, colors"})
+    assert (recipe.task_frame, recipe.finetune_anchor, recipe.processes, recipe.tasks) == (2, 5.0, True,
+                                                                                           ("digits", "colors"))
+    assert variant_version(QUICK_RECIPE, QUICK_RECIPE) == RECIPE_VERSION
+    version = variant_version(QUICK_RECIPE, recipe, Path("elsewhere"))
+    assert version.startswith(RECIPE_VERSION + "+") and "task_frame=2" in version and "tasks=digits,colors" in version
+    assert version.endswith("pretrained-reused")
+    for bad, says in [({"nope": "1"}, "no recipe field 'nope'"), ({"task_frame": "two"}, "takes an integer"),
+                      ({"processes": "maybe"}, "true or false"), ({"tasks": "digits,nope"}, "unknown task(s) nope")]:
+        with pytest.raises(MergeExplorerError, match=re.escape(says)) as caught:
+            recipe_with(QUICK_RECIPE, bad)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_variant_reuses_the_pretrained_tower_and_records_what_changed(quick_zoo, tmp_path):
+    from engine.zoo.build import recipe_with, up_to_date, variant_version
+
+    recipe = recipe_with(QUICK_RECIPE, {"task_frame": "1", "finetune_steps": "10"})
+    zoo = build_zoo(tmp_path / "variant", quick=True, recipe=recipe, pretrained_from=quick_zoo.root)
+    ours, theirs = zoo.manifest, quick_zoo.manifest
+    # the same theta_0 and pool, bit for bit; heads and experts of the variant's own recipe
+    for name in ("pretrained.safetensors", "data/pool.safetensors"):
+        assert ours["content_sha256"][name] == theirs["content_sha256"][name]
+    assert ours["content_sha256"]["heads.safetensors"] != theirs["content_sha256"]["heads.safetensors"]
+    assert ours["recipe"]["task_frame"] == 1 and ours["recipe"]["finetune_steps"] == 10
+    assert ours["variant"]["changed"] == {"finetune_steps": 10, "task_frame": 1}
+    assert ours["variant"]["pretrained_from"]["zoo"] == str(quick_zoo.root.resolve())
+    assert ours["recipe_version"] == variant_version(QUICK_RECIPE, recipe, quick_zoo.root) != RECIPE_VERSION
+    assert "--set finetune_steps=10 --set task_frame=1 --pretrained-from" in ours["created_by"]
+    assert set(ours["table"]) == set(theirs["table"])  # measured like any zoo
+    # a variant is never taken for the demo zoo, nor the demo zoo for a variant
+    assert up_to_date(zoo.root, quick=True, version=ours["recipe_version"])
+    assert not up_to_date(zoo.root, quick=True)
+    assert not up_to_date(quick_zoo.root, quick=True, version=ours["recipe_version"])
+
+
+def test_the_zoo_cli_refuses_bad_recipe_experiments_in_one_line(quick_zoo, tmp_path):
+    cases = [
+        (["--set", "task_frame=2"], "needs its own folder: add --dir"),
+        (["--dir", str(tmp_path / "v"), "--set", "task_frame"], "--set takes FIELD=VALUE"),
+        (["--dir", str(tmp_path / "v"), "--set", "pretrain_steps=7", "--pretrained-from", str(quick_zoo.root)],
+         "was pretrained differently (pretrain_steps)"),
+        (["--dir", str(quick_zoo.root), "--pretrained-from", str(quick_zoo.root)], "is the folder being built"),
+        (["--dir", str(tmp_path / "v"), "--pretrained-from", str(tmp_path / "none")], str(tmp_path / "none")),
+    ]
+    for args, says in cases:
+        result = engine_cli("zoo", "build", "--quick", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "v").exists()  # nothing was started
+    assert (quick_zoo.root / MANIFEST_NAME).exists()  # and nothing of the source was touched

@@ -5,7 +5,8 @@ import argparse
 import sys
 import time
 
-from ..zoo.build import build_zoo, format_table, up_to_date
+from ..errors import MergeExplorerError
+from ..zoo.build import QUICK_RECIPE, FULL_RECIPE, build_zoo, format_table, recipe_with, up_to_date, variant_version
 from ..zoo.manifest import default_zoo_dir, load_zoo
 from .common import print_json
 
@@ -27,6 +28,12 @@ def register(subparsers) -> None:
                        help="processes fine-tuning experts in parallel (default: 2 if the machine has 2+ cores; "
                             "does not change the result)")
     build.add_argument("--json", action="store_true", help="print the manifest's accuracy table as JSON")
+    build.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="recipe experiment: change one recipe field (repeatable; e.g. --set task_frame=2); "
+                            "needs --dir, the demo zoo stays as shipped (docs/zoo-recipe.md)")
+    build.add_argument("--pretrained-from", default=None, metavar="ZOO_DIR",
+                       help="recipe experiment: reuse the pool and pretrained tower of the zoo in ZOO_DIR when this "
+                            "recipe would pretrain the same one (skips about half the build); needs --dir")
     info = actions.add_parser("info", help="print a zoo's tasks and accuracy table")
     info.add_argument("--dir", default=None, help="zoo folder (default: $MERGE_EXPLORER_ZOO or .zoo/demo)")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -75,6 +82,13 @@ def _print_text(zoo) -> None:
         print(f"built in {build['timings_s']['total_s']:.0f} s ({build['workers']} worker(s)); {size:.1f} MB on disk")
 
 
+def _field_value(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise MergeExplorerError(f"zoo build: --set takes FIELD=VALUE, not {item!r}")
+    return name.strip(), value.strip()
+
+
 def run(args: argparse.Namespace) -> int:
     if args.zoo_command is None:
         args.zoo_parser.print_help()
@@ -83,7 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if args.zoo_command == "info":
         zoo = load_zoo(root)
     else:
-        fresh = args.force or not up_to_date(root, args.quick, args.seed)
+        base = QUICK_RECIPE if args.quick else FULL_RECIPE
+        recipe = recipe_with(base, dict(_field_value(item) for item in args.set))
+        if (args.set or args.pretrained_from) and args.dir is None:
+            raise MergeExplorerError("zoo build: a recipe experiment (--set, --pretrained-from) needs its own folder: "
+                                     "add --dir")
+        version = variant_version(base, recipe, args.pretrained_from)
+        fresh = args.force or not up_to_date(root, args.quick, args.seed, version)
         start = time.perf_counter()
 
         def progress(fraction: float, message: str) -> None:
@@ -91,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
 
         zoo = build_zoo(root, quick=args.quick, progress=progress if fresh else None, force=args.force,
-                        seed=args.seed, workers=args.workers)
+                        seed=args.seed, workers=args.workers, recipe=recipe, pretrained_from=args.pretrained_from)
         if not fresh and not args.json:
             print(f"the zoo at {zoo.root} is up to date (recipe {zoo.recipe_version}); --force rebuilds it")
             return 0

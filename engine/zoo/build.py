@@ -119,6 +119,57 @@ FULL_RECIPE = Recipe(
     finetune_steps=800, finetune_batch=64, finetune_lr=4e-3, finetune_weight_decay=0.0,
     finetune_anchor=10.0, finetune_logit_scale=20.0,
 )
+# The fields that decide theta_0 (with the seed and MODEL_KWARGS): a variant zoo may reuse another
+# zoo's pretrained tower only when they are equal (build_zoo's `pretrained_from`).
+PRETRAINING_FIELDS = ("pool_size", "pool_stored", "pretrain_steps", "pretrain_batch", "pretrain_lr",
+                      "pretrain_weight_decay", "pretrain_threads")
+
+
+def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """`base` with some fields replaced: values may be strings as typed on the command line
+    ("task_frame=2"); each is converted to the field's type. Unknown fields and values that do not
+    parse raise MergeExplorerError (one line, naming the valid fields)."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    changes: dict[str, Any] = {}
+    for name, raw in overrides.items():
+        if name not in fields:
+            raise MergeExplorerError(f"zoo build: no recipe field {name!r}; fields: {', '.join(fields)}")
+        like = getattr(base, name)
+        try:
+            if isinstance(like, bool):
+                value = raw if isinstance(raw, bool) else {"true": True, "1": True, "false": False,
+                                                             "0": False}[str(raw).strip().lower()]
+            elif isinstance(like, tuple):
+                value = tuple(v.strip() for v in raw.split(",") if v.strip()) if isinstance(raw, str) else tuple(raw)
+            else:
+                value = type(like)(raw)
+        except (KeyError, TypeError, ValueError):
+            kind = {int: "an integer", float: "a number", bool: "true or false"}.get(type(like), type(like).__name__)
+            raise MergeExplorerError(f"zoo build: recipe field {name} takes {kind}, not {raw!r}") from None
+        changes[name] = value
+    unknown = [t for t in changes.get("tasks", ()) if t not in {d.name for d in task_defs.TASKS}]
+    if unknown:
+        raise MergeExplorerError(f"zoo build: unknown task(s) {', '.join(unknown)}; tasks: "
+                                 f"{', '.join(d.name for d in task_defs.TASKS)}")
+    return dataclasses.replace(base, **changes)
+
+
+def variant_version(base: Recipe, recipe: Recipe, pretrained_from: Path | None = None) -> str:
+    """The recipe version a zoo built with `recipe` records: RECIPE_VERSION itself for the recipe as
+    shipped, else RECIPE_VERSION + the changed fields (so `zoo build` never mistakes a variant for the
+    demo zoo, nor the demo zoo for a variant)."""
+    changed = [f"{f.name}={_cli_value(getattr(recipe, f.name))}" for f in dataclasses.fields(Recipe)
+               if getattr(recipe, f.name) != getattr(base, f.name)]
+    if pretrained_from is not None:
+        changed.append("pretrained-reused")
+    return RECIPE_VERSION + ("+" + ",".join(changed) if changed else "")
+
+
+def _cli_value(value: Any) -> str:
+    """A recipe value as `--set` takes it back."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 # For tests and CI: four tasks, small splits, short training (no accuracy targets).
 QUICK_RECIPE = Recipe(
     tasks=("digits", "colors", "arrows", "landuse"), n_train=800, n_test=200, pool_size=1500, pool_stored=256,
@@ -378,11 +429,12 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
         model, loss = finetune(pretrained_state, head, train_images, train_labels, recipe, seed, job["task_index"],
                                anchor_images=anchor)
         _save_model(root / job["expert_file"], model, {"zoo_task": task, "role": "expert",
-                                                       "recipe_version": RECIPE_VERSION, "seed": seed})
+                                                       "recipe_version": job["recipe_version"], "seed": seed})
     return {"task": task, "render_s": render_s, "seconds": time.perf_counter() - start, "final_loss": loss}
 
 
-def _pretrain_stage(root: Path, recipe: Recipe, seed: int, progress: Progress) -> dict[str, float]:
+def _pretrain_stage(root: Path, recipe: Recipe, seed: int, progress: Progress,
+                    version: str = RECIPE_VERSION) -> dict[str, float]:
     """Render the pool, pretrain theta_0, build the heads; writes pool, pretrained and heads files."""
     timings = {}
     with _torch_settings(recipe.pretrain_threads):
@@ -395,18 +447,61 @@ def _pretrain_stage(root: Path, recipe: Recipe, seed: int, progress: Progress) -
         start = time.perf_counter()
         model = pretrain(pool, concepts, recipe, seed, lambda f, m: progress(0.02 + 0.98 * f, m))
         _save_model(root / "pretrained.safetensors", model,
-                    {"role": "pretrained", "recipe_version": RECIPE_VERSION, "seed": seed})
-        heads = {t: prototype_head(model, t, recipe.prototype_variants, recipe.task_frame) for t in recipe.tasks}
-        _save_arrays(root / "heads.safetensors", {t: h.numpy() for t, h in heads.items()},
-                     {"content": "frozen zero-shot heads, unit rows; logits = 100 * <normalize(f(x)), row>"})
+                    {"role": "pretrained", "recipe_version": version, "seed": seed})
+        _save_heads(root, model, recipe)
         timings["pretrain_s"] = time.perf_counter() - start
     return timings
 
 
-def _pretrain_child(root: str, recipe: dict[str, Any], seed: int, queue) -> None:
+def _save_heads(root: Path, model: torch.nn.Module, recipe: Recipe) -> None:
+    heads = {t: prototype_head(model, t, recipe.prototype_variants, recipe.task_frame) for t in recipe.tasks}
+    _save_arrays(root / "heads.safetensors", {t: h.numpy() for t, h in heads.items()},
+                 {"content": "frozen zero-shot heads, unit rows; logits = 100 * <normalize(f(x)), row>"})
+
+
+def check_pretraining_source(source: Path, root: Path, recipe: Recipe, seed: int) -> dict[str, Any]:
+    """The manifest of the zoo at `source` when its pretrained tower is the one `recipe` and `seed`
+    would pretrain (same pretraining fields, seed and tower shape); else MergeExplorerError."""
+    if source.resolve() == root.resolve():
+        raise MergeExplorerError(f"zoo build: {source} is the folder being built; reuse the pretrained tower of "
+                                 "another zoo folder")
+    data = read_manifest(source)
+    theirs = data.get("recipe", {})
+    differ = [f for f in PRETRAINING_FIELDS if theirs.get(f) != getattr(recipe, f)]
+    if data.get("seed") != seed:
+        differ.append(f"seed ({data.get('seed')} there)")
+    if data.get("model", {}).get("kwargs") != dict(MODEL_KWARGS):
+        differ.append("tower shape")
+    if differ:
+        raise MergeExplorerError(f"zoo build: the zoo at {source} was pretrained differently ({', '.join(differ)}); "
+                                 "its pretrained tower cannot be reused for this recipe")
+    for name in ("pretrained.safetensors", "data/pool.safetensors"):
+        if not (source / name).is_file():
+            raise MergeExplorerError(f"zoo build: {source / name} is missing")
+    return data
+
+
+def _reuse_pretraining(root: Path, source: Path, recipe: Recipe, seed: int, progress: Progress) -> dict[str, float]:
+    """Copy pool and pretrained tower from the zoo at `source` (checked by check_pretraining_source)
+    and build this recipe's heads from that tower: a variant that changes only fine-tuning, heads or
+    tasks skips the pretraining, the longest stage, and starts from the same theta_0."""
+    start = time.perf_counter()
+    progress(0.0, f"reusing the pool and pretrained tower of {source}")
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "data/pool.safetensors", root / "data/pool.safetensors")
+    shutil.copyfile(source / "pretrained.safetensors", root / "pretrained.safetensors")
+    with _torch_settings(recipe.pretrain_threads):
+        model = _new_model(seed)
+        model.load_state_dict({k.removeprefix("visual."): v
+                               for k, v in _load_open_clip(root / "pretrained.safetensors").items()})
+        _save_heads(root, model.eval(), recipe)
+    return {"pool_s": 0.0, "pretrain_s": time.perf_counter() - start}
+
+
+def _pretrain_child(root: str, recipe: dict[str, Any], seed: int, queue, version: str = RECIPE_VERSION) -> None:
     try:
         recipe_ = Recipe(**{**recipe, "tasks": tuple(recipe["tasks"])})
-        timings = _pretrain_stage(Path(root), recipe_, seed, lambda f, m: queue.put(("progress", f, m)))
+        timings = _pretrain_stage(Path(root), recipe_, seed, lambda f, m: queue.put(("progress", f, m)), version)
         queue.put(("done", timings))
     except BaseException as exc:  # report, then die: the parent raises
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -425,13 +520,14 @@ def _passive_openmp():
             os.environ.pop("OMP_WAIT_POLICY", None)
 
 
-def _pretrain_in_child(root: Path, recipe: Recipe, seed: int, progress: Progress) -> dict[str, float]:
+def _pretrain_in_child(root: Path, recipe: Recipe, seed: int, progress: Progress,
+                       version: str = RECIPE_VERSION) -> dict[str, float]:
     import queue as queue_module
 
     ctx = multiprocessing.get_context("spawn")
     messages = ctx.Queue()
     with _passive_openmp():
-        child = ctx.Process(target=_pretrain_child, args=(str(root), dataclasses.asdict(recipe), seed, messages),
+        child = ctx.Process(target=_pretrain_child, args=(str(root), dataclasses.asdict(recipe), seed, messages, version),
                             name="zoo-pretrain", daemon=True)
         child.start()
     try:
@@ -473,33 +569,43 @@ def _recipe_for(quick: bool) -> Recipe:
     return QUICK_RECIPE if quick else FULL_RECIPE
 
 
-def up_to_date(root: str | Path, quick: bool = False, seed: int = DEFAULT_SEED) -> bool:
-    """Whether `root` holds a complete zoo built by this recipe version, seed and size."""
+def up_to_date(root: str | Path, quick: bool = False, seed: int = DEFAULT_SEED, version: str = RECIPE_VERSION) -> bool:
+    """Whether `root` holds a complete zoo built by this recipe version (or variant), seed and size."""
     try:
         data = read_manifest(root)
         zoo = zoo_from_manifest(Path(root).expanduser(), data)
         load_zoo(root)
     except MergeExplorerError:
         return False
-    return (zoo.recipe_version == RECIPE_VERSION and zoo.seed == seed and zoo.quick == quick
+    return (zoo.recipe_version == version and zoo.seed == seed and zoo.quick == quick
             and data.get("format_version") == FORMAT_VERSION)
 
 
 def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Progress | None = None,
-              force: bool = False, seed: int = DEFAULT_SEED, workers: int | None = None) -> Zoo:
+              force: bool = False, seed: int = DEFAULT_SEED, workers: int | None = None,
+              recipe: Recipe | None = None, pretrained_from: str | Path | None = None) -> Zoo:
     """Build the demo zoo at `root` (default: `default_zoo_dir()`) and return it.
 
     A no-op returning the existing zoo when one built by this recipe version, seed and size is
     there (unless `force`). `progress(fraction, message)` is called as the build goes. `workers`
     processes fine-tune experts in parallel (default: 2 when the machine has 2+ cores); the
     result does not depend on it.
+
+    For recipe experiments (docs/zoo-recipe.md): `recipe` replaces the shipped recipe (see
+    `recipe_with`), and `pretrained_from` names a zoo folder whose pool and pretrained tower are
+    reused when they are what this recipe would pretrain. The zoo then records a variant version
+    (`variant_version`) and what changed.
     """
     root = Path(root).expanduser() if root is not None else default_zoo_dir()
     report = progress or (lambda fraction, message: None)
-    if not force and up_to_date(root, quick, seed):
-        report(1.0, f"the zoo at {root} is up to date (recipe {RECIPE_VERSION})")
+    base = _recipe_for(quick)
+    recipe = recipe or base
+    source = Path(pretrained_from).expanduser() if pretrained_from is not None else None
+    version = variant_version(base, recipe, source)
+    if not force and up_to_date(root, quick, seed, version):
+        report(1.0, f"the zoo at {root} is up to date (recipe {version})")
         return load_zoo(root)
-    recipe = _recipe_for(quick)
+    source_manifest = check_pretraining_source(source, root, recipe, seed) if source is not None else None
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if recipe.processes else 1
     try:
@@ -513,8 +619,11 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
 
     start_all = time.perf_counter()
     # 1-2. The generic pool, CLIP-style pretraining, zero-shot heads from canonical renders.
-    stage = _pretrain_in_child if recipe.processes else _pretrain_stage
-    timings = stage(root, recipe, seed, lambda f, m: report(0.4 * f, m))
+    if source is not None:
+        timings = _reuse_pretraining(root, source, recipe, seed, lambda f, m: report(0.4 * f, m))
+    else:
+        stage = _pretrain_in_child if recipe.processes else _pretrain_stage
+        timings = stage(root, recipe, seed, lambda f, m: report(0.4 * f, m), version)
     heads = {t: h.numpy() for t, h in _load_open_clip(root / "heads.safetensors").items()}
 
     # 3. One expert per task (parallel workers; each single-threaded and deterministic).
@@ -522,7 +631,8 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     jobs = []
     for i, task in enumerate(recipe.tasks):
         jobs.append({"task": task, "task_index": [t.name for t in task_defs.TASKS].index(task), "seed": seed,
-                     "root": str(root), "recipe": dataclasses.asdict(recipe), "pretrained_file": "pretrained.safetensors",
+                     "root": str(root), "recipe": dataclasses.asdict(recipe), "recipe_version": version,
+                     "pretrained_file": "pretrained.safetensors",
                      "head": heads[task], "expert_file": f"experts/{task}.safetensors",
                      "test_file": f"data/{task}.test.safetensors", "examples_file": f"examples/{task}.png"})
     results: dict[str, dict[str, Any]] = {}
@@ -548,6 +658,21 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     start = time.perf_counter()
     report(0.9, "measuring accuracies: pretrained, experts, merges")
     manifest = _manifest(root, recipe, seed, quick, results)
+    if version != RECIPE_VERSION:
+        manifest["recipe_version"] = version
+        manifest["created_by"] += "".join(f" --set {name}={_cli_value(getattr(recipe, name))}" for name in
+                                          (f.name for f in dataclasses.fields(Recipe))
+                                          if getattr(recipe, name) != getattr(base, name))
+        if source is not None:
+            manifest["created_by"] += f" --pretrained-from {source}"
+        manifest["variant"] = {
+            "of": RECIPE_VERSION,
+            "changed": {f.name: _jsonable(getattr(recipe, f.name)) for f in dataclasses.fields(Recipe)
+                        if getattr(recipe, f.name) != getattr(base, f.name)},
+            "pretrained_from": None if source is None else {
+                "zoo": str(source.resolve()), "recipe_version": source_manifest["recipe_version"],
+                "pretrained_sha256": manifest["content_sha256"]["pretrained.safetensors"]},
+        }
     zoo = zoo_from_manifest(root, manifest)
     table, cross = _measure(zoo, recipe)
     timings["evaluate_s"] = time.perf_counter() - start
@@ -673,6 +798,10 @@ def shape_targets(rows: dict[str, dict[str, Any]], ta_by_n: dict[str, float]) ->
         "task_arithmetic_falls_with_more_tasks": all(ta_by_n[a] > ta_by_n[b] for a, b in zip(ns, ns[1:])),
     }
     return {**TARGETS, "measured": measured, "met": met}
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
