@@ -397,7 +397,8 @@ def test_a_variant_reuses_the_pretrained_tower_and_records_what_changed(quick_zo
     assert ours["variant"]["changed"] == {"finetune_steps": 10, "task_frame": 1}
     assert ours["variant"]["pretrained_from"]["zoo"] == str(quick_zoo.root.resolve())
     assert ours["recipe_version"] == variant_version(QUICK_RECIPE, recipe, quick_zoo.root) != RECIPE_VERSION
-    assert "--set finetune_steps=10 --set task_frame=1 --pretrained-from" in ours["created_by"]
+    assert ours["created_by"] == (f"python -m engine zoo build --quick --dir {tmp_path / 'variant'} "
+                                  f"--set finetune_steps=10 --set task_frame=1 --pretrained-from {quick_zoo.root}")
     assert set(ours["table"]) == set(theirs["table"])  # measured like any zoo
     # a variant is never taken for the demo zoo, nor the demo zoo for a variant
     assert up_to_date(zoo.root, quick=True, version=ours["recipe_version"])

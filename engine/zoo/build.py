@@ -158,11 +158,16 @@ def variant_version(base: Recipe, recipe: Recipe, pretrained_from: Path | None =
     """The recipe version a zoo built with `recipe` records: RECIPE_VERSION itself for the recipe as
     shipped, else RECIPE_VERSION + the changed fields (so `zoo build` never mistakes a variant for the
     demo zoo, nor the demo zoo for a variant)."""
-    changed = [f"{f.name}={_cli_value(getattr(recipe, f.name))}" for f in dataclasses.fields(Recipe)
-               if getattr(recipe, f.name) != getattr(base, f.name)]
+    changed = [f"{name}={_cli_value(value)}" for name, value in changed_fields(base, recipe).items()]
     if pretrained_from is not None:
         changed.append("pretrained-reused")
     return RECIPE_VERSION + ("+" + ",".join(changed) if changed else "")
+
+
+def changed_fields(base: Recipe, recipe: Recipe) -> dict[str, Any]:
+    """{field: value} of `recipe` where it differs from `base`, in the Recipe's field order."""
+    return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(Recipe)
+            if getattr(recipe, f.name) != getattr(base, f.name)}
 
 
 def _cli_value(value: Any) -> str:
@@ -484,7 +489,8 @@ def check_pretraining_source(source: Path, root: Path, recipe: Recipe, seed: int
 def _reuse_pretraining(root: Path, source: Path, recipe: Recipe, seed: int, progress: Progress) -> dict[str, float]:
     """Copy pool and pretrained tower from the zoo at `source` (checked by check_pretraining_source)
     and build this recipe's heads from that tower: a variant that changes only fine-tuning, heads or
-    tasks skips the pretraining, the longest stage, and starts from the same theta_0."""
+    tasks skips the pool and the pretraining (about half of a full build) and starts from the same
+    theta_0."""
     start = time.perf_counter()
     progress(0.0, f"reusing the pool and pretrained tower of {source}")
     (root / "data").mkdir(parents=True, exist_ok=True)
@@ -659,16 +665,16 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     report(0.9, "measuring accuracies: pretrained, experts, merges")
     manifest = _manifest(root, recipe, seed, quick, results)
     if version != RECIPE_VERSION:
+        changed = changed_fields(base, recipe)
         manifest["recipe_version"] = version
-        manifest["created_by"] += "".join(f" --set {name}={_cli_value(getattr(recipe, name))}" for name in
-                                          (f.name for f in dataclasses.fields(Recipe))
-                                          if getattr(recipe, name) != getattr(base, name))
-        if source is not None:
-            manifest["created_by"] += f" --pretrained-from {source}"
+        manifest["created_by"] = " ".join(
+            ["python -m engine zoo build", *(["--quick"] if quick else []), "--dir", str(root),
+             *([f"--seed {seed}"] if seed != DEFAULT_SEED else []),
+             *(f"--set {name}={_cli_value(value)}" for name, value in changed.items()),
+             *([f"--pretrained-from {source}"] if source is not None else [])])
         manifest["variant"] = {
             "of": RECIPE_VERSION,
-            "changed": {f.name: _jsonable(getattr(recipe, f.name)) for f in dataclasses.fields(Recipe)
-                        if getattr(recipe, f.name) != getattr(base, f.name)},
+            "changed": {name: _jsonable(value) for name, value in changed.items()},
             "pretrained_from": None if source is None else {
                 "zoo": str(source.resolve()), "recipe_version": source_manifest["recipe_version"],
                 "pretrained_sha256": manifest["content_sha256"]["pretrained.safetensors"]},
