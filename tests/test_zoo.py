@@ -404,6 +404,12 @@ def test_a_variant_reuses_the_pretrained_tower_and_records_what_changed(quick_zo
     assert up_to_date(zoo.root, quick=True, version=ours["recipe_version"])
     assert not up_to_date(zoo.root, quick=True)
     assert not up_to_date(quick_zoo.root, quick=True, version=ours["recipe_version"])
+    # a plain build on the variant's folder (as `MERGE_EXPLORER_ZOO=<it> make app` runs) keeps it
+    stamp = (zoo.root / MANIFEST_NAME).stat().st_mtime_ns
+    messages = []
+    kept = build_zoo(zoo.root, quick=True, progress=lambda fraction, message: messages.append(message))
+    assert kept.recipe_version == ours["recipe_version"] and "kept as it is" in messages[-1]
+    assert (zoo.root / MANIFEST_NAME).stat().st_mtime_ns == stamp
 
 
 def test_the_zoo_cli_refuses_bad_recipe_experiments_in_one_line(quick_zoo, tmp_path):

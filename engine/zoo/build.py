@@ -587,6 +587,15 @@ def up_to_date(root: str | Path, quick: bool = False, seed: int = DEFAULT_SEED, 
             and data.get("format_version") == FORMAT_VERSION)
 
 
+def _complete_variant(root: Path) -> Zoo | None:
+    """The zoo at `root` when it is a complete build of a recipe variant (`variant` in its manifest)."""
+    try:
+        data = read_manifest(root)
+        return load_zoo(root) if data.get("variant") else None
+    except MergeExplorerError:
+        return None
+
+
 def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Progress | None = None,
               force: bool = False, seed: int = DEFAULT_SEED, workers: int | None = None,
               recipe: Recipe | None = None, pretrained_from: str | Path | None = None) -> Zoo:
@@ -611,6 +620,11 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     if not force and up_to_date(root, quick, seed, version):
         report(1.0, f"the zoo at {root} is up to date (recipe {version})")
         return load_zoo(root)
+    kept = _complete_variant(root) if not force and version == RECIPE_VERSION else None
+    if kept is not None:  # e.g. `MERGE_EXPLORER_ZOO=.zoo/mine make app`: open the experiment, never overwrite it
+        report(1.0, f"the zoo at {root} is a recipe variant ({kept.recipe_version}), kept as it is; "
+                    "--force rebuilds it with the shipped recipe")
+        return kept
     source_manifest = check_pretraining_source(source, root, recipe, seed) if source is not None else None
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if recipe.processes else 1
