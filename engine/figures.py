@@ -48,10 +48,9 @@ _TEMPLATE_LAYOUT_KEYS = ("autotypenumbers", "colorway", "font", "hovermode", "ho
 
 def lean_template(name: str = "plotly_white") -> go.layout.Template:
     """Plotly's template `name` cut down to what TRACE_TYPES on 2-D axes use: the same look for these
-    figures. Plotly validates a template each time one is set or a figure is copied; the full
-    plotly_white (3-D, map, polar defaults for ~25 trace types) cost ~30 ms per figure each time, a
-    large share of the server's work per slider move when a class shares one server
-    (benchmarks/figure_build.py measures both)."""
+    figures. Plotly validates a template each time one is set or a figure is copied; with the full
+    plotly_white (3-D, map and polar defaults for ~25 trace types) building the Merge page's chart
+    took 44 ms of server CPU per slider move, with this one 25 ms (benchmarks/figure_build.py)."""
     full = pio.templates[name].to_plotly_json()
     return go.layout.Template(layout={k: v for k, v in full["layout"].items() if k in _TEMPLATE_LAYOUT_KEYS},
                               data={k: v for k, v in full["data"].items() if k in TRACE_TYPES})
