@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,19 +174,19 @@ def percentile(xs: list[float], q: float) -> float:
 def chromium_cpu_seconds() -> dict[str, float]:
     """CPU seconds used so far by the running Chromium processes, per process type (renderer: one per
     page, runs its scripts and layout; gpu-process: compositing, in software here; browser; ...)."""
-    ticks, out = os.sysconf("SC_CLK_TCK"), {}
+    out: dict[str, float] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            words = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").split()
+            if not words or Path(words[0]).name != CHROMIUM.name:
+                continue  # Debian's wrapper script execs /usr/lib/chromium/chromium; children rewrite argv
+            seconds = cpu_seconds(int(proc.name))
         except OSError:
             continue  # gone meanwhile
-        if not command.split() or Path(command.split()[0]).name != CHROMIUM.name:
-            continue  # Debian's wrapper script execs /usr/lib/chromium/chromium; children rewrite argv
-        kind = next((a[len("--type="):] for a in command.split() if a.startswith("--type=")), "browser")
-        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        kind = next((w[len("--type="):] for w in words if w.startswith("--type=")), "browser")
+        out[kind] = out.get(kind, 0.0) + seconds
     return out
 
 
@@ -230,21 +231,17 @@ async def run(args, server: str, log_path: Path, server_pid: int) -> dict:
 
         merges_before = log_path.read_text().count("job started: merge")
         t0, server_cpu, machine_cpu = time.perf_counter(), cpu_seconds(server_pid), cpu_seconds()
-        loaded: dict[str, float] = {}
+        loaded: dict[str, Any] = {}  # clocks when the last page had loaded, and when the last session was done
+        done: dict[str, Any] = {}
 
-        done: dict[str, float] = {}
-
-        def mark_loaded() -> None:
-            loaded.update(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds(),
-                          chromium=chromium_cpu_seconds())
-
-        def mark_done() -> None:
-            done.update(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds(),
+        def clocks() -> dict[str, Any]:
+            return dict(t=time.perf_counter(), server=cpu_seconds(server_pid), machine=cpu_seconds(),
                         chromium=chromium_cpu_seconds())
 
         all_loaded, all_done = asyncio.Barrier(args.sessions), asyncio.Barrier(args.sessions)
-        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report, all_loaded, mark_loaded,
-                                       all_done, mark_done)
+        await asyncio.gather(*(student(browser, server, i, args.moves, "ArrowRight", report,
+                                       all_loaded, lambda: loaded.update(clocks()),
+                                       all_done, lambda: done.update(clocks()))
                                for i in range(args.sessions)))
         report["classroom_wall_s"] = time.perf_counter() - t0
         # Where the CPU went: the app server, or everything else (the browsers, this script),

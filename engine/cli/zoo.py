@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import MergeExplorerError
-from ..zoo.build import QUICK_RECIPE, FULL_RECIPE, build_zoo, format_table, recipe_with, up_to_date, variant_version
+from ..zoo.build import build_zoo, format_table, recipe_for, recipe_with, up_to_date, variant_version
 from ..zoo.manifest import default_zoo_dir, load_zoo
 from .common import print_json
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.zoo_command == "info":
         zoo = load_zoo(root)
     else:
-        base = QUICK_RECIPE if args.quick else FULL_RECIPE
+        base = recipe_for(args.quick)
         recipe = recipe_with(base, dict(_field_value(item) for item in args.set))
         if (args.set or args.pretrained_from) and args.dir is None:
             raise MergeExplorerError("zoo build: a recipe experiment (--set, --pretrained-from) needs its own folder: "

@@ -299,6 +299,13 @@ def _mimetic_attention_init(model: torch.nn.Module, g: torch.Generator) -> None:
             attn.out_proj.weight.copy_(u * s.sqrt())
 
 
+def _tower(open_clip_state: dict[str, torch.Tensor], seed: int) -> torch.nn.Module:
+    """A vision tower holding `open_clip_state` (names with the "visual." prefix, as saved)."""
+    model = _new_model(seed)
+    model.load_state_dict({k.removeprefix("visual."): v for k, v in open_clip_state.items()})
+    return model
+
+
 def _open_clip_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tower's weights exactly as open_clip names them in a CLIP checkpoint (`visual.` prefix)."""
     return {f"visual.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -380,15 +387,11 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
     penalises how far the normalised embeddings of a batch of them move from theta_0's: the expert
     may change what it computes on its own task's images, but as little as it can elsewhere."""
     g = _generator(seed, 2, task_index)
-    model = _new_model(seed)
-    theta0 = {k.removeprefix("visual."): v for k, v in pretrained_state.items()}
-    model.load_state_dict(theta0)
+    model = _tower(pretrained_state, seed)
     x_all, y_all = _to_input(images), torch.from_numpy(labels)
     anchored = recipe.finetune_anchor > 0 and anchor_images is not None
     if anchored:
-        reference = _new_model(seed)
-        reference.load_state_dict(theta0)
-        reference.eval()
+        reference = _tower(pretrained_state, seed).eval()
         x_anchor, g_anchor = _normalize(_to_input(anchor_images)), _generator(seed, 3, task_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
     model.train()
@@ -497,10 +500,7 @@ def _reuse_pretraining(root: Path, source: Path, recipe: Recipe, seed: int, prog
     shutil.copyfile(source / "data/pool.safetensors", root / "data/pool.safetensors")
     shutil.copyfile(source / "pretrained.safetensors", root / "pretrained.safetensors")
     with _torch_settings(recipe.pretrain_threads):
-        model = _new_model(seed)
-        model.load_state_dict({k.removeprefix("visual."): v
-                               for k, v in _load_open_clip(root / "pretrained.safetensors").items()})
-        _save_heads(root, model.eval(), recipe)
+        _save_heads(root, _tower(_load_open_clip(root / "pretrained.safetensors"), seed).eval(), recipe)
     return {"pool_s": 0.0, "pretrain_s": time.perf_counter() - start}
 
 
@@ -571,7 +571,8 @@ def _load_open_clip(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _recipe_for(quick: bool) -> Recipe:
+def recipe_for(quick: bool) -> Recipe:
+    """The shipped recipe: the demo zoo's, or the --quick one."""
     return QUICK_RECIPE if quick else FULL_RECIPE
 
 
@@ -590,10 +591,10 @@ def up_to_date(root: str | Path, quick: bool = False, seed: int = DEFAULT_SEED, 
 def _complete_variant(root: Path) -> Zoo | None:
     """The zoo at `root` when it is a complete build of a recipe variant (`variant` in its manifest)."""
     try:
-        data = read_manifest(root)
-        return load_zoo(root) if data.get("variant") else None
+        zoo = load_zoo(root)
     except MergeExplorerError:
         return None
+    return zoo if zoo.manifest.get("variant") else None
 
 
 def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Progress | None = None,
@@ -613,7 +614,7 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
     """
     root = Path(root).expanduser() if root is not None else default_zoo_dir()
     report = progress or (lambda fraction, message: None)
-    base = _recipe_for(quick)
+    base = recipe_for(quick)
     recipe = recipe or base
     source = Path(pretrained_from).expanduser() if pretrained_from is not None else None
     version = variant_version(base, recipe, source)
