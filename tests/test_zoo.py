@@ -330,6 +330,49 @@ def test_a_task_look_frames_every_image_and_keeps_the_rest():
 
 
 @pytest.mark.fast
+def test_anchor_images_take_the_other_tasks_looks_in_turn_never_their_own():
+    """with_other_looks: the first `fraction` of the images framed in the other tasks' colours,
+    cycling through them; the rest, and every image's inside, as drawn; the task's own colour never."""
+    tasks = tuple(zoo_tasks.LOOK_COLORS)
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    out = zoo_tasks.with_other_looks(images, "shapes", tasks, frame=2, fraction=0.7)
+    others = [t for t in tasks if t != "shapes"]
+    for i in range(14):
+        assert (out[i, :2] == np.array(zoo_tasks.LOOK_COLORS[others[i % 7]], dtype=np.uint8)).all(), i
+    assert np.array_equal(out[14:], images[14:]) and np.array_equal(out[:, 2:-2, 2:-2], images[:, 2:-2, 2:-2])
+    own = np.array(zoo_tasks.LOOK_COLORS["shapes"], dtype=np.uint8)
+    assert not any((out[i, :2] == own).all() for i in range(20))
+    assert np.array_equal(zoo_tasks.with_other_looks(images, "shapes", tasks, frame=2, fraction=0.0), images)
+
+
+@pytest.mark.fast
+def test_pretraining_looks_frame_the_chosen_images_and_name_the_frame_in_the_caption():
+    """Recipe.pretrain_looks: _frame paints a border of palette[look - 1] where look > 0 and leaves
+    the rest, and the pretraining loss takes (concept, look) pairs as its captions."""
+    import dataclasses
+
+    import torch
+
+    from engine.zoo import build as B
+
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    palette = torch.tensor(zoo_tasks.look_palette(4), dtype=torch.float32) / 255
+    y = B._frame(x, torch.tensor([0, 1, 3]), palette, 2)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[:, :, 2:-2, 2:-2], x[:, :, 2:-2, 2:-2])
+    for image, colour in ((y[1], palette[0]), (y[2], palette[2])):
+        for edge in (image[:, :2], image[:, -2:], image[:, :, :2], image[:, :, -2:]):
+            assert torch.equal(edge, colour[:, None, None].expand_as(edge))
+    assert len(set(zoo_tasks.look_palette(12))) == 12
+    pool, concepts = zoo_tasks.render_pool(64, 0)
+    recipe = dataclasses.replace(B.QUICK_RECIPE, pretrain_steps=2, pretrain_batch=16)
+    plain = B.pretrain(pool, concepts, recipe, 0).state_dict()
+    again = B.pretrain(pool, concepts, recipe, 0).state_dict()
+    looks = B.pretrain(pool, concepts, dataclasses.replace(recipe, task_frame=2, pretrain_looks=3), 0).state_dict()
+    assert all(torch.equal(plain[k], again[k]) for k in plain)
+    assert not all(torch.equal(plain[k], looks[k]) for k in plain)
+
+
+@pytest.mark.fast
 def test_the_anchor_keeps_pool_embeddings_near_theta0():
     """Recipe -3's function-preserving term: the same fine-tuning with the anchor on moves the
     embeddings of the anchor images (unlabeled pool) less than half as far as with it off."""
@@ -361,6 +404,45 @@ def test_the_anchor_keeps_pool_embeddings_near_theta0():
     assert anchored < 0.5 * free, (anchored, free)
 
 
+@pytest.mark.fast
+def test_the_partial_term_makes_a_fraction_of_the_task_vector_work():
+    """Recipe.finetune_partial adds w * CE(theta_0 + s * tau). At the first step tau = 0, so the loss
+    is exactly (1 + w) times the plain one; after 40 steps theta_0 + tau / 8 fits the task better
+    with the term than without it (the term trains exactly that model)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(0)  # a learnable task: which quadrant of the noise is bright
+    images = rng.integers(0, 128, (64, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, 64)
+    for image, label in zip(images, labels):
+        image[16 * (label // 2):16 * (label // 2) + 16, 16 * (label % 2):16 * (label % 2) + 16] += 120
+    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
+    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    base = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=1, finetune_batch=16, finetune_lr=4e-3,
+                               finetune_logit_scale=20.0, finetune_shift=0.0)
+    plain = B.finetune(theta0, head, images, labels, base, 0, 0)[1]
+    for weight in (1.0, 0.5):
+        with_term = B.finetune(theta0, head, images, labels, dataclasses.replace(base, finetune_partial=weight), 0, 0)[1]
+        assert with_term == pytest.approx((1 + weight) * plain, rel=1e-5)
+
+    x, y = B._normalize(B._to_input(images)), torch.from_numpy(labels)
+    start = B._tower(theta0, 0).state_dict()
+
+    def loss_at_one_eighth(recipe) -> float:
+        tuned = B.finetune(theta0, head, images, labels, recipe, 0, 0)[0].state_dict()
+        partial = B._tower(theta0, 0)
+        partial.load_state_dict({k: start[k] + (tuned[k] - start[k]) / 8 for k in start})
+        with torch.no_grad():
+            return float(F.cross_entropy(20.0 * F.normalize(partial.eval()(x), dim=-1) @ head.T, y))
+
+    longer = dataclasses.replace(base, finetune_steps=40)
+    assert loss_at_one_eighth(dataclasses.replace(longer, finetune_partial=1.0)) < loss_at_one_eighth(longer)
+
+
 # ---- recipe experiments: variants of the recipe in their own folders ------------------------
 
 
@@ -377,7 +459,9 @@ def test_recipe_fields_are_set_from_text_and_bad_ones_are_named():
     assert version.startswith(RECIPE_VERSION + "+") and "task_frame=2" in version and "tasks=digits,colors" in version
     assert version.endswith("pretrained-reused")
     for bad, says in [({"nope": "1"}, "no recipe field 'nope'"), ({"task_frame": "two"}, "takes an integer"),
-                      ({"processes": "maybe"}, "true or false"), ({"tasks": "digits,nope"}, "unknown task(s) nope")]:
+                      ({"processes": "maybe"}, "true or false"), ({"tasks": "digits,nope"}, "unknown task(s) nope"),
+                      ({"finetune_anchor_looks": "0.5"}, "needs task_frame > 0"),
+                      ({"finetune_anchor_looks": "2", "task_frame": "2"}, "a share from 0 to 1")]:
         with pytest.raises(MergeExplorerError, match=re.escape(says)) as caught:
             recipe_with(QUICK_RECIPE, bad)
         assert "\n" not in str(caught.value)
@@ -418,6 +502,8 @@ def test_the_zoo_cli_refuses_bad_recipe_experiments_in_one_line(quick_zoo, tmp_p
         (["--dir", str(tmp_path / "v"), "--set", "task_frame"], "--set takes FIELD=VALUE"),
         (["--dir", str(tmp_path / "v"), "--set", "pretrain_steps=7", "--pretrained-from", str(quick_zoo.root)],
          "was pretrained differently (pretrain_steps)"),
+        (["--dir", str(tmp_path / "v"), "--set", "task_frame=1", "--set", "pretrain_looks=3", "--pretrained-from",
+          str(quick_zoo.root)], "was pretrained differently (pretrain_looks, task_frame)"),
         (["--dir", str(quick_zoo.root), "--pretrained-from", str(quick_zoo.root)], "is the folder being built"),
         (["--dir", str(tmp_path / "v"), "--pretrained-from", str(tmp_path / "none")], str(tmp_path / "none")),
     ]

@@ -111,6 +111,22 @@ class Recipe:
     # Width in pixels of the frame in each task's look colour on all its images (tasks.with_look;
     # 0 = tasks drawn as they are). Gives every task its own look, as real benchmark sets have.
     task_frame: int = 0
+    # Share of the anchor's pool images framed in the *other* tasks' look colours
+    # (tasks.with_other_looks; needs task_frame > 0): the expert is held still on images that look
+    # like the other tasks' sets, and left free on images with its own look.
+    finetune_anchor_looks: float = 0.0
+    # Colours of the looks the pretraining pool shows (0 = none): each pretraining image is framed
+    # (width task_frame) in one of tasks.look_palette(pretrain_looks) with probability 1/2, and its
+    # caption names the frame as well as the subject ("<concept>, <colour> border"), so theta_0
+    # tells looks apart before it sees any task, as CLIP tells a satellite tile from a scan.
+    pretrain_looks: int = 0
+    # Weight of a second cross-entropy term on the *partial* expert theta_0 + s * (theta - theta_0),
+    # s drawn log-uniformly from [1/8, 1] each step (0 = off): asks each task vector to work already
+    # at a fraction of its length, as a large CLIP's do (docs/zoo-recipe.md, the alpha curve).
+    finetune_partial: float = 0.0
+    # Largest random translation of fine-tuning images, as a fraction of the image (borders filled by
+    # reflection); pretraining crops inside the image and never shifts.
+    finetune_shift: float = 0.12
 
 
 FULL_RECIPE = Recipe(
@@ -122,7 +138,7 @@ FULL_RECIPE = Recipe(
 # The fields that decide theta_0 (with the seed and MODEL_KWARGS): a variant zoo may reuse another
 # zoo's pretrained tower only when they are equal (build_zoo's `pretrained_from`).
 PRETRAINING_FIELDS = ("pool_size", "pool_stored", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                      "pretrain_weight_decay", "pretrain_threads")
+                      "pretrain_weight_decay", "pretrain_threads", "pretrain_looks")
 
 
 def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
@@ -147,6 +163,13 @@ def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
             kind = {int: "an integer", float: "a number", bool: "true or false"}.get(type(like), type(like).__name__)
             raise MergeExplorerError(f"zoo build: recipe field {name} takes {kind}, not {raw!r}") from None
         changes[name] = value
+    looks, frame = changes.get("finetune_anchor_looks", base.finetune_anchor_looks), changes.get("task_frame", base.task_frame)
+    if not 0 <= looks <= 1 or (looks > 0 and frame <= 0):
+        raise MergeExplorerError(f"zoo build: finetune_anchor_looks takes a share from 0 to 1 and needs task_frame > 0, "
+                                 f"not {looks} with task_frame={frame}")
+    if changes.get("pretrain_looks", base.pretrain_looks) < 0 or (
+            changes.get("pretrain_looks", base.pretrain_looks) > 0 and frame <= 0):
+        raise MergeExplorerError("zoo build: pretrain_looks takes a count of colours >= 0 and needs task_frame > 0")
     unknown = [t for t in changes.get("tasks", ()) if t not in {d.name for d in task_defs.TASKS}]
     if unknown:
         raise MergeExplorerError(f"zoo build: unknown task(s) {', '.join(unknown)}; tasks: "
@@ -257,6 +280,15 @@ def _affine(x: torch.Tensor, g: torch.Generator, *, scale: tuple[float, float], 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _frame(x: torch.Tensor, look: torch.Tensor, palette: torch.Tensor, width: int) -> torch.Tensor:
+    """Images x [N, 3, H, W] in [0, 1] with a `width`-pixel border in palette[look - 1] where look > 0."""
+    colour = palette[(look - 1).clamp(min=0)][:, :, None, None]
+    border = torch.zeros(x.shape[-2:], dtype=torch.bool)
+    border[:width], border[-width:], border[:, :width], border[:, -width:] = True, True, True, True
+    where = (look > 0)[:, None, None, None] & border
+    return torch.where(where, colour.expand_as(x), x)
+
+
 def _lr_at(step: int, total: int, peak: float) -> float:
     """Linear warm-up over the first 10 % of steps, then cosine decay to 0."""
     warmup = max(1, total // 10)
@@ -348,17 +380,31 @@ def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
     n_concepts = len(task_defs.POOL_CONCEPTS)
     captions = torch.nn.Parameter(torch.randn(n_concepts, MODEL_KWARGS["output_dim"], generator=g) * 0.1)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # CLIP's learnable temperature
-    optimizer = torch.optim.AdamW([*model.parameters(), captions, log_scale], lr=recipe.pretrain_lr,
-                                  weight_decay=recipe.pretrain_weight_decay)
+    trained = [*model.parameters(), captions, log_scale]
+    n_looks = recipe.pretrain_looks
+    if n_looks:  # a second word per caption: the frame's colour, or "no border" (row 0)
+        g_look = _generator(seed, 4)
+        look_words = torch.nn.Parameter(torch.randn(n_looks + 1, MODEL_KWARGS["output_dim"], generator=g_look) * 0.1)
+        palette = torch.tensor(task_defs.look_palette(n_looks), dtype=torch.float32) / 255.0
+        trained.append(look_words)
+    optimizer = torch.optim.AdamW(trained, lr=recipe.pretrain_lr, weight_decay=recipe.pretrain_weight_decay)
     model.train()
     for step in range(recipe.pretrain_steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe.pretrain_steps, recipe.pretrain_lr)
         index = torch.randint(0, len(images), (recipe.pretrain_batch,), generator=g)
         x = _affine(images[index], g, scale=(0.84, 1.0), aspect=1.15, shift=0.0, keep_inside=True)
+        if n_looks:
+            look = torch.randint(1, n_looks + 1, (len(index),), generator=g_look)
+            look = look * (torch.rand(len(index), generator=g_look) < 0.5)
+            x = _frame(x, look, palette, recipe.task_frame)
+            texts = F.normalize(captions[:, None, :] + look_words[None, :, :], dim=-1).flatten(0, 1)
+            target = labels[index] * (n_looks + 1) + look
+        else:
+            texts, target = F.normalize(captions, dim=-1), labels[index]
         z = F.normalize(model(_normalize(x)), dim=-1)
-        logits = log_scale.clamp(max=math.log(100.0)).exp() * z @ F.normalize(captions, dim=-1).T
-        loss = F.cross_entropy(logits, labels[index])
+        logits = log_scale.clamp(max=math.log(100.0)).exp() * z @ texts.T
+        loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -393,6 +439,9 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
     if anchored:
         reference = _tower(pretrained_state, seed).eval()
         x_anchor, g_anchor = _normalize(_to_input(anchor_images)), _generator(seed, 3, task_index)
+    if recipe.finetune_partial > 0:
+        start = {name: p.detach().clone() for name, p in model.named_parameters()}
+        g_partial = _generator(seed, 5, task_index)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
     model.train()
     losses = []
@@ -400,9 +449,15 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe.finetune_steps, recipe.finetune_lr)
         index = torch.randint(0, len(x_all), (recipe.finetune_batch,), generator=g)
-        x = _affine(x_all[index], g, scale=(0.9, 1.1), aspect=1.0, shift=0.12, keep_inside=False)
+        x = _affine(x_all[index], g, scale=(0.9, 1.1), aspect=1.0, shift=recipe.finetune_shift, keep_inside=False)
         z = F.normalize(model(_normalize(x)), dim=-1)
         loss = F.cross_entropy(recipe.finetune_logit_scale * z @ head.T, y_all[index])
+        if recipe.finetune_partial > 0:
+            s = math.exp(math.log(1 / 8) * float(torch.rand(1, generator=g_partial)))
+            partial = {name: start[name] + s * (p - start[name]) for name, p in model.named_parameters()}
+            zs = F.normalize(torch.func.functional_call(model, partial, (_normalize(x),)), dim=-1)
+            loss = loss + recipe.finetune_partial * F.cross_entropy(recipe.finetune_logit_scale * zs @ head.T,
+                                                                    y_all[index])
         if anchored:
             xa = x_anchor[torch.randint(0, len(x_anchor), (recipe.finetune_batch,), generator=g_anchor)]
             with torch.no_grad():
@@ -434,6 +489,9 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
         pretrained_state = _load_open_clip(root / job["pretrained_file"])
         head = torch.from_numpy(job["head"])
         anchor = _load_arrays(root / "data/pool.safetensors")["images"] if recipe.finetune_anchor > 0 else None
+        if anchor is not None and recipe.finetune_anchor_looks > 0:
+            anchor = task_defs.with_other_looks(anchor, task, recipe.tasks, recipe.task_frame,
+                                                recipe.finetune_anchor_looks)
         model, loss = finetune(pretrained_state, head, train_images, train_labels, recipe, seed, job["task_index"],
                                anchor_images=anchor)
         _save_model(root / job["expert_file"], model, {"zoo_task": task, "role": "expert",
@@ -475,7 +533,9 @@ def check_pretraining_source(source: Path, root: Path, recipe: Recipe, seed: int
                                  "another zoo folder")
     data = read_manifest(source)
     theirs = data.get("recipe", {})
-    differ = [f for f in PRETRAINING_FIELDS if theirs.get(f) != getattr(recipe, f)]
+    defaults = {f.name: f.default for f in dataclasses.fields(Recipe)}  # fields newer than that zoo's manifest
+    fields = [*PRETRAINING_FIELDS, *(["task_frame"] if recipe.pretrain_looks else [])]  # the looks' frame width
+    differ = [f for f in fields if theirs.get(f, defaults[f]) != getattr(recipe, f)]
     if data.get("seed") != seed:
         differ.append(f"seed ({data.get('seed')} there)")
     if data.get("model", {}).get("kwargs") != dict(MODEL_KWARGS):

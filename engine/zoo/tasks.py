@@ -700,6 +700,25 @@ def with_look(images: np.ndarray, task: str, frame: int) -> np.ndarray:
     return out
 
 
+def look_palette(n: int) -> list[tuple[int, int, int]]:
+    """`n` frame colours for the pretraining pool's looks (`Recipe.pretrain_looks`): hues evenly
+    round the wheel, saturation and brightness alternating so that neighbours differ in two ways.
+    Generic colours, chosen without regard to the tasks' own."""
+    return [_hsv(i / n, (1.0, 0.6)[i % 2], (0.95, 0.7)[(i // 2) % 2]) for i in range(n)]
+
+
+def with_other_looks(images: np.ndarray, task: str, tasks: tuple[str, ...], frame: int, fraction: float) -> np.ndarray:
+    """`images` with the first `fraction` of them framed, in turn, in the look colours of the tasks
+    in `tasks` other than `task` (the rest as drawn): unlabeled images that *look like* the other
+    tasks' sets without showing their content (the fine-tuning anchor's images, docs/zoo-recipe.md)."""
+    others = [t for t in tasks if t != task]
+    count = round(len(images) * fraction) if others and frame > 0 else 0
+    out = images.copy()
+    for i, other in enumerate(others):
+        out[i:count:len(others)] = with_look(images[i:count:len(others)], other, frame)
+    return out
+
+
 def get_task(name: str) -> TaskSpec:
     try:
         return TASKS_BY_NAME[name]
