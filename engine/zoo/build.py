@@ -163,18 +163,18 @@ def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
             kind = {int: "an integer", float: "a number", bool: "true or false"}.get(type(like), type(like).__name__)
             raise MergeExplorerError(f"zoo build: recipe field {name} takes {kind}, not {raw!r}") from None
         changes[name] = value
-    looks, frame = changes.get("finetune_anchor_looks", base.finetune_anchor_looks), changes.get("task_frame", base.task_frame)
+    recipe = dataclasses.replace(base, **changes)
+    looks, frame = recipe.finetune_anchor_looks, recipe.task_frame
     if not 0 <= looks <= 1 or (looks > 0 and frame <= 0):
         raise MergeExplorerError(f"zoo build: finetune_anchor_looks takes a share from 0 to 1 and needs task_frame > 0, "
                                  f"not {looks} with task_frame={frame}")
-    if changes.get("pretrain_looks", base.pretrain_looks) < 0 or (
-            changes.get("pretrain_looks", base.pretrain_looks) > 0 and frame <= 0):
+    if recipe.pretrain_looks < 0 or (recipe.pretrain_looks > 0 and frame <= 0):
         raise MergeExplorerError("zoo build: pretrain_looks takes a count of colours >= 0 and needs task_frame > 0")
-    unknown = [t for t in changes.get("tasks", ()) if t not in {d.name for d in task_defs.TASKS}]
+    unknown = [t for t in recipe.tasks if t not in {d.name for d in task_defs.TASKS}]
     if unknown:
         raise MergeExplorerError(f"zoo build: unknown task(s) {', '.join(unknown)}; tasks: "
                                  f"{', '.join(d.name for d in task_defs.TASKS)}")
-    return dataclasses.replace(base, **changes)
+    return recipe
 
 
 def variant_version(base: Recipe, recipe: Recipe, pretrained_from: Path | None = None) -> str:
@@ -449,13 +449,14 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, recipe.finetune_steps, recipe.finetune_lr)
         index = torch.randint(0, len(x_all), (recipe.finetune_batch,), generator=g)
-        x = _affine(x_all[index], g, scale=(0.9, 1.1), aspect=1.0, shift=recipe.finetune_shift, keep_inside=False)
-        z = F.normalize(model(_normalize(x)), dim=-1)
+        x = _normalize(_affine(x_all[index], g, scale=(0.9, 1.1), aspect=1.0, shift=recipe.finetune_shift,
+                               keep_inside=False))
+        z = F.normalize(model(x), dim=-1)
         loss = F.cross_entropy(recipe.finetune_logit_scale * z @ head.T, y_all[index])
         if recipe.finetune_partial > 0:
             s = math.exp(math.log(1 / 8) * float(torch.rand(1, generator=g_partial)))
             partial = {name: start[name] + s * (p - start[name]) for name, p in model.named_parameters()}
-            zs = F.normalize(torch.func.functional_call(model, partial, (_normalize(x),)), dim=-1)
+            zs = F.normalize(torch.func.functional_call(model, partial, (x,)), dim=-1)
             loss = loss + recipe.finetune_partial * F.cross_entropy(recipe.finetune_logit_scale * zs @ head.T,
                                                                     y_all[index])
         if anchored:
