@@ -3,7 +3,8 @@
 Heavy work (a merge with its evaluation, a sweep, an RI adaptation, a continual run, a zoo build)
 goes through one `JobQueue` per process: a fixed number of worker threads run the jobs in arrival
 order, in two lanes so that a slider's merge never waits behind a ten-minute continual run:
-"interactive" (a merge and its evaluation: well under a second) and "batch" (everything long). Identical jobs (same key) are computed once, and everyone who asked gets the same
+"interactive" (a merge and its evaluation: well under a second) and "batch" (everything long).
+Identical jobs (same kind and key) are computed once, and everyone who asked gets the same
 result; each asker (an *owner*, e.g. one browser session) sees its place in the queue and the
 running job's progress, and can cancel. A queued job whose owners are all gone (no heartbeat for
 `stale_after_s`) is dropped instead of run. Nothing here knows about Streamlit.
@@ -78,8 +79,10 @@ class JobQueue:
         self.keep_finished = keep_finished
         self._lock = threading.Condition()
         self._queues: dict[str, deque[Job]] = {lane: deque() for lane in LANES}
-        self._jobs: dict[str, Job] = {}  # by key: queued, running and recently finished
-        self._finished: deque[str] = deque()
+        # By (kind, key): two kinds of job on the same settings (a merge's accuracy and its
+        # interference) are different jobs. Queued, running and recently finished.
+        self._jobs: dict[tuple[str, str], Job] = {}
+        self._finished: deque[tuple[str, str]] = deque()
         self.computations: dict[str, int] = {}  # key -> times its function ran (keys of jobs still kept)
         self.durations: dict[str, list[float]] = {}  # kind -> seconds of recent successful runs
         self._threads = [threading.Thread(target=self._work, args=(lane,), name=f"{name}-{lane}-{i}", daemon=True)
@@ -90,7 +93,7 @@ class JobQueue:
     # ---- asking ---------------------------------------------------------------------------
     def submit(self, key: str, fn: Callable[[Progress], Any], *, owner: str, kind: str = "job",
                label: str = "", lane: str = "batch", supersede: bool = False) -> Job:
-        """The job for `key`: the one already queued, running or just finished, else a new one.
+        """The job of this `kind` for `key`: the one already queued, running or just finished, else a new one.
 
         With `supersede`, this owner no longer wants its other queued jobs in the lane (a slider
         moved on: only the newest setting matters), and those nobody else wants are dropped unrun.
@@ -99,17 +102,17 @@ class JobQueue:
             raise ValueError(f"lane must be one of {', '.join(LANES)}, got {lane!r}")
         with self._lock:
             if supersede:
-                for older in [j for j in self._queues[lane] if j.key != key and owner in j.owners]:
+                for older in [j for j in self._queues[lane] if (j.kind, j.key) != (kind, key) and owner in j.owners]:
                     older.owners.pop(owner)
                     if not older.owners:
                         self._queues[lane].remove(older)
                         self._finish(older, DROPPED)
-            job = self._jobs.get(key)
+            job = self._jobs.get((kind, key))
             if job is not None and job.state in (CANCELLED, DROPPED, FAILED):
                 job = None  # ask again: a new attempt
             if job is None:
                 job = Job(key=key, kind=kind, label=label or kind, fn=fn, lane=lane)
-                self._jobs[key] = job
+                self._jobs[(kind, key)] = job
                 self._queues[lane].append(job)
                 self._lock.notify_all()
             job.owners[owner] = time.monotonic()
@@ -217,12 +220,12 @@ class JobQueue:
         if job.started is not None:
             log.info("job %s: %s in %.2f s", state, job.kind, job.finished - job.started)
         job._done.set()
-        self._finished.append(job.key)
+        self._finished.append((job.kind, job.key))
         while len(self._finished) > self.keep_finished:
             old = self._finished.popleft()
             if old in self._jobs and self._jobs[old].is_finished:
                 del self._jobs[old]
-                self.computations.pop(old, None)  # a server runs for days: keep only what it still holds
+                self.computations.pop(old[1], None)  # a server runs for days: keep only what it still holds
 
 
 def default_workers() -> int:

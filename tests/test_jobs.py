@@ -167,3 +167,16 @@ def test_forget_owner_and_expected_seconds():
     waiting = queue.submit("w", lambda p: 1, owner="gone")
     queue.forget_owner("gone")
     assert waiting.state == CANCELLED and running.wait(5) and running.state == CANCELLED
+
+
+def test_two_kinds_of_job_on_the_same_settings_are_two_jobs():
+    """A merge's accuracy and its interference ξ share their settings, hence their key; the queue
+    must not hand one kind the other's result (the Merge page's ξ chart once drew accuracies)."""
+    queue = JobQueue(workers=1)
+    accuracy = queue.submit("ties k=20", lambda p: {"average": 54.7}, owner="a", kind="merge", lane="interactive")
+    assert accuracy.wait(5) and accuracy.result == {"average": 54.7}
+    xi = queue.submit("ties k=20", lambda p: {"total": 35.3}, owner="a", kind="interference", lane="interactive")
+    assert xi is not accuracy
+    assert xi.wait(5) and xi.result == {"total": 35.3}
+    # and each kind still dedups with itself
+    assert queue.submit("ties k=20", lambda p: None, owner="b", kind="merge") is accuracy
