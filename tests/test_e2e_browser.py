@@ -186,6 +186,10 @@ def test_continual_and_ri_in_chromium(server, browser):
     assert any("with and without RI" in t for t in titles), titles
     assert any("Interference ξ per task" in t for t in titles), titles
     assert page.get_by_text("Average, RI-adapted experts").count() >= 1
+    # the ξ chart draws KL divergences, not the accuracies of the chart above it (same settings)
+    accuracy = json.loads(chart_data(page, next(i for i, t in enumerate(titles) if "with and without RI" in t)))
+    xi = json.loads(chart_data(page, next(i for i, t in enumerate(titles) if "Interference ξ per task" in t)))
+    assert [y for _, y in xi] != [y for _, y in accuracy[:len(xi)]], (xi, accuracy)
     assert_no_error_text(page)
     shot(page, "7-merge-ri")
 
