@@ -13,7 +13,7 @@ import sys
 from ..errors import MergeExplorerError
 
 # Order is the order shown in `--help`.
-COMMAND_MODULES = ("zoo", "evaluate", "merge", "conflicts", "interference", "ri", "continual", "runs")
+COMMAND_MODULES = ("zoo", "evaluate", "merge", "conflicts", "interference", "ri", "continual", "gate_inputs", "runs")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

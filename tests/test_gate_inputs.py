@@ -1,0 +1,137 @@
+"""The novel share of a task's mean layer input (engine/analysis/gate_inputs.py): hand-computed cases,
+properties, an independent recomputation through plain open_clip hooks, and the CLI on the quick zoo."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.analysis.gate_inputs import gate_input_report, novel_share, orthonormal_span
+from engine.errors import ConfigError
+from engine.methods.mingle import MingleEncoder
+
+TINY_VIT = dict(image_size=8, patch_size=4, width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
+
+
+def _e(d: int, *indices: int) -> torch.Tensor:
+    return torch.eye(d, dtype=torch.float64)[:, list(indices)]
+
+
+@pytest.mark.fast
+def test_novel_share_by_hand():
+    x = torch.tensor([3.0, 0.0, 4.0, 0.0])
+    assert novel_share(x, _e(4, 0, 1)) == pytest.approx(16 / 25)  # only the 4 in e3 is outside span(e1, e2)
+    assert novel_share(x, _e(4, 2)) == pytest.approx(9 / 25)
+    assert novel_share(x, _e(4, 0, 2)) == pytest.approx(0.0, abs=1e-15)
+    assert novel_share(x, _e(4)) == 1.0  # nothing protected: all of it is the task's own
+    assert novel_share(torch.zeros(4), _e(4, 0)) == 0.0
+
+
+@pytest.mark.fast
+def test_orthonormal_span_drops_dependent_columns():
+    diagonal = torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64) / 2 ** 0.5
+    span = orthonormal_span([_e(3, 0), diagonal, _e(3, 0)])
+    assert span.shape == (3, 2)
+    assert torch.allclose(span.T @ span, torch.eye(2, dtype=torch.float64), atol=1e-12)
+    assert novel_share(torch.tensor([0.0, 0.0, 1.0]), span) == pytest.approx(1.0)  # e3 is outside span(e1, e2)
+    assert orthonormal_span([_e(3)]).shape == (3, 0)
+
+
+@pytest.mark.fast
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), d=st.integers(2, 12), k=st.integers(0, 12))
+def test_novel_share_properties(seed, d, k):
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, d)
+    x = torch.randn(d, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    basis = q[:, :k]
+    share = novel_share(x, basis)
+    assert 0.0 <= share <= 1.0 + 1e-12
+    # A bigger protected subspace never leaves more room.
+    if k < d:
+        assert novel_share(x, q[:, :k + 1]) <= share + 1e-12
+    # Rotating the input and the basis together changes nothing.
+    r, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    assert novel_share(r @ x, r @ basis) == pytest.approx(share, abs=1e-10)
+    # The share and the protected part add up to the whole.
+    assert share + float((basis.T @ x).pow(2).sum() / x.pow(2).sum()) == pytest.approx(1.0, abs=1e-10)
+
+
+def _tiny_vit():
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(3)
+    return VisionTransformer(**TINY_VIT).eval()
+
+
+@pytest.mark.fast
+def test_report_matches_an_independent_computation_on_plain_open_clip():
+    visual = _tiny_vit()
+    gen = torch.Generator().manual_seed(0)
+    # Two "tasks" with different image statistics.
+    images = {"bright": torch.rand(10, 3, 8, 8, generator=gen) + 0.5, "noise": torch.randn(12, 3, 8, 8, generator=gen)}
+    report = gate_input_report(MingleEncoder(copy.deepcopy(visual), "all").eval(), images, subspace_k=2)
+    assert report.layers[0] == "encoder.layers.0.self_attn.q_proj" and report.novel.shape == (12, 2)
+
+    # Independent: block 1's fc1 input is ln_2's output in the unwrapped open_clip model; numpy's SVD
+    # of the stacked tokens gives each task's top-2 directions.
+    captured = {}
+    visual.transformer.resblocks[1].ln_2.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    means, tops = {}, {}
+    with torch.no_grad():
+        for task, x in images.items():
+            visual(x)
+            tokens = captured["x"].reshape(-1, 16).double().numpy()
+            means[task] = tokens.mean(0)
+            tops[task] = np.linalg.svd(tokens, full_matrices=False)[2][:2].T  # right singular vectors of X
+    for k, task in enumerate(images):
+        other = tops["noise" if task == "bright" else "bright"]
+        inside = other.T @ means[task]
+        expected = 1 - inside @ inside / (means[task] @ means[task])
+        assert report.novel[report.layers.index("encoder.layers.1.mlp.fc1"), k] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.fast
+def test_report_edges_protect_nothing_or_everything():
+    visual = _tiny_vit()
+    gen = torch.Generator().manual_seed(1)
+    images = {"a": torch.rand(6, 3, 8, 8, generator=gen), "b": torch.rand(5, 3, 8, 8, generator=gen)}
+    none = gate_input_report(MingleEncoder(copy.deepcopy(visual), "qkv-fc1").eval(), images, subspace_k=0)
+    assert np.allclose(none.novel, 1.0) and none.novel.shape == (8, 2)
+    # k = 16 = width: the other task's directions span q/k/v's and fc1's whole input space.
+    full = gate_input_report(MingleEncoder(copy.deepcopy(visual), "qkv-fc1").eval(), images, subspace_k=16)
+    assert np.allclose(full.novel, 0.0, atol=1e-9)
+    with pytest.raises(ConfigError, match="at least two"):
+        gate_input_report(MingleEncoder(copy.deepcopy(visual), "all").eval(), {"a": images["a"]})
+    with pytest.raises(ConfigError, match="0 or more"):
+        gate_input_report(MingleEncoder(copy.deepcopy(visual), "all").eval(), images, subspace_k=-1)
+
+
+def test_cli_on_the_quick_zoo(quick_zoo, capsys):
+    from engine.cli import main
+
+    assert main(["gate-inputs", "--zoo", str(quick_zoo.root), "--limit", "16", "--json", "--device", "cpu"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    tasks = quick_zoo.task_names()
+    assert payload["tasks"] == tasks and payload["subspace_k"] == 3
+    assert payload["images_per_task"] == {t: 16 for t in tasks}
+    shares = payload["novel_share"]
+    assert set(shares["per_task"]) == set(tasks) and all(0.0 <= v <= 1.0 for v in shares["per_task"].values())
+    assert shares["mean"] == pytest.approx(np.mean(list(shares["per_task"].values())))
+    assert len(shares["per_layer"]) == 6 * 4  # six linears per block, four blocks
+
+    assert main(["gate-inputs", "--zoo", str(quick_zoo.root), "--limit", "16", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "novel share" in text and all(t in text for t in tasks)
+
+    for bad, message in ((["--tasks", tasks[0]], "at least two"), (["--subspace-k", "-1"], "0 or more"),
+                         (["--tasks", "nope", tasks[0]], "nope")):
+        assert main(["gate-inputs", "--zoo", str(quick_zoo.root), "--limit", "16", *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
