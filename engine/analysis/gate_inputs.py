@@ -128,7 +128,7 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
         for k in range(len(tasks)):
             others = orthonormal_span([b for j, b in enumerate(bases) if j != k])
             novel[i, k] = novel_share(sums[i][k] / tokens[k], others)
-    return GateInputReport(tasks=tasks, layers=layers, subspace_k=int(subspace_k), novel=novel,
+    return GateInputReport(tasks=tasks, layers=layers, subspace_k=subspace_k, novel=novel,
                            images_per_task={t: int(len(images_by_task[t])) for t in tasks})
 
 
