@@ -8,14 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_tower
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.analysis.gate_inputs import gate_input_report, novel_share, orthonormal_span
 from engine.errors import ConfigError
 from engine.methods.mingle import MingleEncoder
-
-TINY_VIT = dict(image_size=8, patch_size=4, width=16, layers=2, heads=2, mlp_ratio=2.0, output_dim=8)
 
 
 def _e(d: int, *indices: int) -> torch.Tensor:
@@ -63,19 +62,13 @@ def test_novel_share_properties(seed, d, k):
     assert share + float((basis.T @ x).pow(2).sum() / x.pow(2).sum()) == pytest.approx(1.0, abs=1e-10)
 
 
-def _tiny_vit():
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(3)
-    return VisionTransformer(**TINY_VIT).eval()
-
-
 @pytest.mark.fast
 def test_report_matches_an_independent_computation_on_plain_open_clip():
-    visual = _tiny_vit()
+    visual = tiny_tower(3).eval()  # width 16
     gen = torch.Generator().manual_seed(0)
     # Two "tasks" with different image statistics.
-    images = {"bright": torch.rand(10, 3, 8, 8, generator=gen) + 0.5, "noise": torch.randn(12, 3, 8, 8, generator=gen)}
+    images = {"bright": torch.rand(10, 3, 16, 16, generator=gen) + 0.5,
+              "noise": torch.randn(12, 3, 16, 16, generator=gen)}
     report = gate_input_report(MingleEncoder(copy.deepcopy(visual), "all").eval(), images, subspace_k=2)
     assert report.layers[0] == "encoder.layers.0.self_attn.q_proj" and report.novel.shape == (12, 2)
 
@@ -99,9 +92,9 @@ def test_report_matches_an_independent_computation_on_plain_open_clip():
 
 @pytest.mark.fast
 def test_report_edges_protect_nothing_or_everything():
-    visual = _tiny_vit()
+    visual = tiny_tower(3).eval()
     gen = torch.Generator().manual_seed(1)
-    images = {"a": torch.rand(6, 3, 8, 8, generator=gen), "b": torch.rand(5, 3, 8, 8, generator=gen)}
+    images = {"a": torch.rand(6, 3, 16, 16, generator=gen), "b": torch.rand(5, 3, 16, 16, generator=gen)}
     none = gate_input_report(MingleEncoder(copy.deepcopy(visual), "qkv-fc1").eval(), images, subspace_k=0)
     assert np.allclose(none.novel, 1.0) and none.novel.shape == (8, 2)
     # k = 16 = width: the other task's directions span q/k/v's and fc1's whole input space.

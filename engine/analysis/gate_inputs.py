@@ -94,8 +94,11 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
     layers = list(encoder.selected)
     modules = [encoder.linears[n] for n in layers]
     tasks = list(images_by_task)
-    sums = [[None] * len(tasks) for _ in layers]
-    moments = [[None] * len(tasks) for _ in layers]
+    device = modules[0].weight.device
+    # Per layer: each task's sum of inputs (tasks, d_in) and uncentred second moment (tasks, d_in, d_in).
+    sums = [torch.zeros(len(tasks), m.in_features, dtype=torch.float64, device=device) for m in modules]
+    moments = [torch.zeros(len(tasks), m.in_features, m.in_features, dtype=torch.float64, device=device)
+               for m in modules]
     tokens = np.zeros(len(tasks))
     current = {"task": 0}
 
@@ -103,9 +106,8 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
         def fn(module, inputs):
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
             k = current["task"]
-            s, m = x.sum(0), x.T @ x
-            sums[index][k] = s if sums[index][k] is None else sums[index][k] + s
-            moments[index][k] = m if moments[index][k] is None else moments[index][k] + m
+            sums[index][k] += x.sum(0)
+            moments[index][k] += x.T @ x
             if index == 0:
                 tokens[k] += x.shape[0]
         return fn
@@ -114,7 +116,7 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
     try:
         for k, task in enumerate(tasks):
             current["task"] = k
-            images = images_by_task[task].to(modules[0].weight.device)
+            images = images_by_task[task].to(device)
             if len(images) == 0:
                 raise ConfigError(f"task {task!r} has no test images")
             for start in range(0, len(images), batch_size):
@@ -129,7 +131,7 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
             others = orthonormal_span([b for j, b in enumerate(bases) if j != k])
             novel[i, k] = novel_share(sums[i][k] / tokens[k], others)
     return GateInputReport(tasks=tasks, layers=layers, subspace_k=subspace_k, novel=novel,
-                           images_per_task={t: int(len(images_by_task[t])) for t in tasks})
+                           images_per_task={t: len(images_by_task[t]) for t in tasks})
 
 
 def measure_gate_inputs(suite, tasks: Sequence[str] | None = None, *, limit: int | None = None,

@@ -36,14 +36,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.subspace_k < 0:
         raise ConfigError(f"--subspace-k must be 0 or more, got {args.subspace_k}")
-    suite = suite_from_args(args)
-    tasks = suite.tasks
-    if args.tasks:
-        for task in args.tasks:
-            suite.check_task(task)
-        tasks = [t for t in suite.tasks if t in args.tasks]
+    suite = suite_from_args(args).select(args.tasks)  # refuses unknown task names
     start = time.perf_counter()
-    report = measure_gate_inputs(suite, tasks, limit=args.limit, subspace_k=args.subspace_k, layers=args.layers,
+    report = measure_gate_inputs(suite, limit=args.limit, subspace_k=args.subspace_k, layers=args.layers,
                                  device=str(resolve_device(args.device)))
     seconds = time.perf_counter() - start
     if args.json:
