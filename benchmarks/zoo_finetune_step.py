@@ -8,7 +8,10 @@ process, interleaved, median of the repeats:
 - each pass alone;
 - the whole step, and the same step with the expert's two batches fused into one pass of 128 and the
   θ0 reference precomputed: if the tower were bound by per-operation overhead, fusing would save a
-  third; if it is bound by compute, it saves only the reference forward.
+  third; if it is bound by compute, it saves only the reference forward;
+- the step with the recipe's cheaper options: θ0's reference precomputed once
+  (`finetune_anchor_precomputed`), and the partial term and the anchor on 32 images instead of 64
+  (`finetune_partial_batch`, `finetune_anchor_batch`).
 
 Random images (timing only). The tower is the recipe's shape, pretrained if a demo zoo is at --zoo.
 
@@ -61,9 +64,9 @@ def main() -> int:
     with torch.no_grad():
         za_table = F.normalize(reference(xa), dim=-1)
 
-    def partial_features():
+    def partial_features(images=x):
         partial = {n: start[n] + 0.5 * (p - start[n]) for n, p in model.named_parameters()}
-        return F.normalize(torch.func.functional_call(model, partial, (x,)), dim=-1)
+        return F.normalize(torch.func.functional_call(model, partial, (images,)), dim=-1)
 
     def step_as_built():
         z = F.normalize(model(x), dim=-1)
@@ -71,6 +74,21 @@ def main() -> int:
         with torch.no_grad():
             za = F.normalize(reference(xa), dim=-1)
         loss = loss + anchor * (F.normalize(model(xa), dim=-1) - za).pow(2).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def step_with(precomputed: bool, side: int):
+        """The step as `finetune` runs it with finetune_anchor_precomputed / the side batches."""
+        z = F.normalize(model(x), dim=-1)
+        zs = partial_features(x[:side])
+        loss = F.cross_entropy(scale * z @ head.T, y) + F.cross_entropy(scale * zs @ head.T, y[:side])
+        if precomputed:
+            za = za_table[:side]
+        else:
+            with torch.no_grad():
+                za = F.normalize(reference(xa[:side]), dim=-1)
+        loss = loss + anchor * (F.normalize(model(xa[:side]), dim=-1) - za).pow(2).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,6 +108,8 @@ def main() -> int:
 
     timed = {
         "step as built": step_as_built,
+        "step, reference precomputed": lambda: step_with(True, batch),
+        "step, reference precomputed, side batches 32": lambda: step_with(True, batch // 2),
         "step, fused + reference precomputed": step_fused,
         "expert pass (fwd+bwd, 64)": lambda: model(x).sum().backward(),
         "partial-expert pass (fwd+bwd, 64)": lambda: partial_features().sum().backward(),

@@ -443,6 +443,94 @@ def test_the_partial_term_makes_a_fraction_of_the_task_vector_work():
     assert loss_at_one_eighth(dataclasses.replace(longer, finetune_partial=1.0)) < loss_at_one_eighth(longer)
 
 
+@pytest.mark.fast
+def test_side_batches_feed_the_partial_term_and_the_anchor_fewer_images(monkeypatch):
+    """finetune_partial_batch / finetune_anchor_batch: every step runs the expert on its whole task
+    batch, the partial expert on the first `partial` of those images and the expert on `anchor` pool
+    images; 0 means the whole batch, as before the fields existed."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
+    pool = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
+    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    base = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=2, finetune_batch=16, finetune_anchor=1.0,
+                               finetune_partial=1.0, finetune_shift=0.0)
+    seen: list[int] = []
+    make_tower = B._tower
+
+    def recording_tower(state, seed):
+        model = make_tower(state, seed)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])) if module.training else None)
+        return model
+
+    monkeypatch.setattr(B, "_tower", recording_tower)
+    for partial, anchor, per_step in ((0, 0, [16, 16, 16]), (8, 4, [16, 8, 4]), (16, 3, [16, 16, 3])):
+        seen.clear()
+        recipe = dataclasses.replace(base, finetune_partial_batch=partial, finetune_anchor_batch=anchor)
+        B.finetune(theta0, head, images, labels, recipe, 0, 0, anchor_images=pool)
+        assert seen == per_step * 2, (partial, anchor, seen)
+
+
+@pytest.mark.fast
+def test_a_precomputed_anchor_reference_trains_the_same_expert():
+    """finetune_anchor_precomputed embeds every anchor image with theta_0 once, instead of each step's
+    batch: the same reference up to float rounding, so the same losses and weights to ~1e-5."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
+    pool = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)  # more than one 256-image chunk
+    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
+    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    recipe = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=5, finetune_batch=16, finetune_anchor=10.0,
+                                 finetune_shift=0.0, finetune_lr=4e-3)
+    per_step, loss_a = B.finetune(theta0, head, images, labels, recipe, 0, 0, anchor_images=pool)
+    once, loss_b = B.finetune(theta0, head, images, labels, dataclasses.replace(recipe, finetune_anchor_precomputed=True),
+                              0, 0, anchor_images=pool)
+    assert loss_b == pytest.approx(loss_a, rel=1e-4)
+    moved = sum(float((a - theta0[f"visual.{k}"]).abs().sum()) for k, a in per_step.state_dict().items())
+    assert moved > 1.0  # the five steps did train
+    for (name, a), b in zip(per_step.state_dict().items(), once.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), name
+
+
+@pytest.mark.fast
+def test_decay_to_start_shrinks_the_first_step_toward_theta_0():
+    """finetune_decay_to_start = d moves every weight back by lr * d * (theta - theta_0) after each
+    AdamW step. The first step's gradient is taken at theta_0 either way, so after one step the task
+    vector is exactly (1 - lr_0 * d) times the undecayed one."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
+    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
+    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    recipe = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=1, finetune_batch=16, finetune_lr=4e-3,
+                                 finetune_shift=0.0)
+    plain = B.finetune(theta0, head, images, labels, recipe, 0, 0)[0].state_dict()
+    for decay in (1.0, 50.0):
+        decayed = B.finetune(theta0, head, images, labels, dataclasses.replace(recipe, finetune_decay_to_start=decay),
+                             0, 0)[0].state_dict()
+        factor = 1 - B._lr_at(0, 1, 4e-3) * decay
+        for name, value in plain.items():
+            start = theta0[f"visual.{name}"]
+            assert torch.allclose(decayed[name] - start, factor * (value - start), atol=1e-7), name
+
+
 # ---- recipe experiments: variants of the recipe in their own folders ------------------------
 
 
@@ -461,7 +549,9 @@ def test_recipe_fields_are_set_from_text_and_bad_ones_are_named():
     for bad, says in [({"nope": "1"}, "no recipe field 'nope'"), ({"task_frame": "two"}, "takes an integer"),
                       ({"processes": "maybe"}, "true or false"), ({"tasks": "digits,nope"}, "unknown task(s) nope"),
                       ({"finetune_anchor_looks": "0.5"}, "needs task_frame > 0"),
-                      ({"finetune_anchor_looks": "2", "task_frame": "2"}, "a share from 0 to 1")]:
+                      ({"finetune_anchor_looks": "2", "task_frame": "2"}, "a share from 0 to 1"),
+                      ({"finetune_anchor_batch": "65"}, "finetune_anchor_batch takes 0 (= finetune_batch) up to"),
+                      ({"finetune_partial_batch": "-1"}, "finetune_partial_batch takes 0")]:
         with pytest.raises(MergeExplorerError, match=re.escape(says)) as caught:
             recipe_with(QUICK_RECIPE, bad)
         assert "\n" not in str(caught.value)

@@ -130,6 +130,17 @@ class Recipe:
     # Largest random translation of fine-tuning images, as a fraction of the image (borders filled by
     # reflection); pretraining crops inside the image and never shifts.
     finetune_shift: float = 0.12
+    # Images per step for the partial term and for the anchor (0 = finetune_batch). The partial term
+    # reuses the first of the step's task images; smaller side batches make a step cheaper.
+    finetune_partial_batch: int = 0
+    finetune_anchor_batch: int = 0
+    # theta_0's normalised embeddings of the anchor images computed once before fine-tuning instead of
+    # for every step's batch (the same values up to float rounding; saves a forward pass per step).
+    finetune_anchor_precomputed: bool = False
+    # Weight decay toward theta_0 instead of toward zero (L2-SP; decoupled, as AdamW's): each step
+    # moves every weight back by lr * this * (theta - theta_0), so entries no gradient keeps pushing
+    # shrink and a task vector keeps what its task consistently needs (0 = off).
+    finetune_decay_to_start: float = 0.0
 
 
 FULL_RECIPE = Recipe(
@@ -173,6 +184,10 @@ def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
                                  f"not {looks} with task_frame={frame}")
     if recipe.pretrain_looks < 0 or (recipe.pretrain_looks > 0 and frame <= 0):
         raise MergeExplorerError("zoo build: pretrain_looks takes a count of colours >= 0 and needs task_frame > 0")
+    for name in ("finetune_partial_batch", "finetune_anchor_batch"):
+        if not 0 <= getattr(recipe, name) <= recipe.finetune_batch:
+            raise MergeExplorerError(f"zoo build: {name} takes 0 (= finetune_batch) up to finetune_batch "
+                                     f"({recipe.finetune_batch}), not {getattr(recipe, name)}")
     unknown = [t for t in recipe.tasks if t not in {d.name for d in task_defs.TASKS}]
     if unknown:
         raise MergeExplorerError(f"zoo build: unknown task(s) {', '.join(unknown)}; tasks: "
@@ -442,9 +457,14 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
     if anchored:
         reference = _tower(pretrained_state, seed).eval()
         x_anchor, g_anchor = _normalize(_to_input(anchor_images)), _generator(seed, 3, task_index)
-    if recipe.finetune_partial > 0:
+        anchor_batch = recipe.finetune_anchor_batch or recipe.finetune_batch
+        if recipe.finetune_anchor_precomputed:
+            with torch.no_grad():
+                z_anchor = torch.cat([F.normalize(reference(chunk), dim=-1) for chunk in x_anchor.split(256)])
+    if recipe.finetune_partial > 0 or recipe.finetune_decay_to_start > 0:
         start = {name: p.detach().clone() for name, p in model.named_parameters()}
         g_partial = _generator(seed, 5, task_index)
+        partial_batch = recipe.finetune_partial_batch or recipe.finetune_batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
     model.train()
     losses = []
@@ -459,17 +479,26 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
         if recipe.finetune_partial > 0:
             s = math.exp(math.log(1 / 8) * float(torch.rand(1, generator=g_partial)))
             partial = {name: start[name] + s * (p - start[name]) for name, p in model.named_parameters()}
-            zs = F.normalize(torch.func.functional_call(model, partial, (x,)), dim=-1)
+            zs = F.normalize(torch.func.functional_call(model, partial, (x[:partial_batch],)), dim=-1)
             loss = loss + recipe.finetune_partial * F.cross_entropy(recipe.finetune_logit_scale * zs @ head.T,
-                                                                    y_all[index])
+                                                                    y_all[index[:partial_batch]])
         if anchored:
-            xa = x_anchor[torch.randint(0, len(x_anchor), (recipe.finetune_batch,), generator=g_anchor)]
-            with torch.no_grad():
-                za = F.normalize(reference(xa), dim=-1)
+            pick = torch.randint(0, len(x_anchor), (anchor_batch,), generator=g_anchor)
+            xa = x_anchor[pick]
+            if recipe.finetune_anchor_precomputed:
+                za = z_anchor[pick]
+            else:
+                with torch.no_grad():
+                    za = F.normalize(reference(xa), dim=-1)
             loss = loss + recipe.finetune_anchor * (F.normalize(model(xa), dim=-1) - za).pow(2).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if recipe.finetune_decay_to_start > 0:
+            with torch.no_grad():
+                shrink = optimizer.param_groups[0]["lr"] * recipe.finetune_decay_to_start
+                for name, p in model.named_parameters():
+                    p.sub_(shrink * (p - start[name]))
         losses.append(loss.item())
     return model.eval(), float(np.mean(losses[-max(1, len(losses) // 10):]))
 
