@@ -128,10 +128,10 @@ def main() -> int:
             seconds[name].append((time.perf_counter() - clock) / args.steps)
     model.zero_grad(set_to_none=True)
     baseline = float(np.median(seconds["step as built"]))
-    print(f"{'':40s} {'ms':>7s}   share of the step as built")
+    print(f"{'':46s} {'ms':>7s}   share of the step as built")
     for name, values in seconds.items():
         value = float(np.median(values))
-        print(f"{name:40s} {1000 * value:7.1f}   {value / baseline:5.2f}")
+        print(f"{name:46s} {1000 * value:7.1f}   {value / baseline:5.2f}")
     return 0
 
 
