@@ -2,12 +2,13 @@
 
 The step (engine/zoo/build.py, `finetune`) makes three forward-backward passes of the tower on a batch
 of 64 (the expert on its task's images, the partial expert θ0 + s·τ on the same images, the expert on
-pool images for the anchor) and one no-grad forward of θ0 on those pool images. Timed in the same
-process, interleaved, median of the repeats:
+pool images for the anchor); recipe -4 adds one no-grad forward of θ0 on those pool images, which
+recipe -5 computes once for all pool images instead. Timed in the same process, interleaved, median
+of the repeats:
 
 - each pass alone;
-- the whole step, and the same step with the expert's two batches fused into one pass of 128 and the
-  θ0 reference precomputed: if the tower were bound by per-operation overhead, fusing would save a
+- recipe -4's whole step, and the same step with the expert's two batches fused into one pass of 128
+  and the θ0 reference precomputed: if the tower were bound by per-operation overhead, fusing would save a
   third; if it is bound by compute, it saves only the reference forward;
 - the step with the recipe's cheaper options: θ0's reference precomputed once
   (`finetune_anchor_precomputed`), and the partial term and the anchor on 32 images instead of 64
@@ -68,18 +69,9 @@ def main() -> int:
         partial = {n: start[n] + 0.5 * (p - start[n]) for n, p in model.named_parameters()}
         return F.normalize(torch.func.functional_call(model, partial, (images,)), dim=-1)
 
-    def step_as_built():
-        z = F.normalize(model(x), dim=-1)
-        loss = F.cross_entropy(scale * z @ head.T, y) + F.cross_entropy(scale * partial_features() @ head.T, y)
-        with torch.no_grad():
-            za = F.normalize(reference(xa), dim=-1)
-        loss = loss + anchor * (F.normalize(model(xa), dim=-1) - za).pow(2).sum(-1).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     def step_with(precomputed: bool, side: int):
-        """The step as `finetune` runs it with finetune_anchor_precomputed / the side batches."""
+        """The step as `finetune` runs it, with or without finetune_anchor_precomputed and side batches
+        of `side` images (recipe -4's step: no precomputation, side = batch)."""
         z = F.normalize(model(x), dim=-1)
         zs = partial_features(x[:side])
         loss = F.cross_entropy(scale * z @ head.T, y) + F.cross_entropy(scale * zs @ head.T, y[:side])
@@ -107,8 +99,8 @@ def main() -> int:
             reference(xa)
 
     timed = {
-        "step as built": step_as_built,
-        "step, reference precomputed": lambda: step_with(True, batch),
+        "step, reference per batch (recipe -4)": lambda: step_with(False, batch),
+        "step, reference precomputed (recipe -5)": lambda: step_with(True, batch),
         "step, reference precomputed, side batches 32": lambda: step_with(True, batch // 2),
         "step, fused + reference precomputed": step_fused,
         "expert pass (fwd+bwd, 64)": lambda: model(x).sum().backward(),
@@ -127,8 +119,8 @@ def main() -> int:
                 fn()
             seconds[name].append((time.perf_counter() - clock) / args.steps)
     model.zero_grad(set_to_none=True)
-    baseline = float(np.median(seconds["step as built"]))
-    print(f"{'':46s} {'ms':>7s}   share of the step as built")
+    baseline = float(np.median(seconds["step, reference per batch (recipe -4)"]))
+    print(f"{'':46s} {'ms':>7s}   share of recipe -4's step")
     for name, values in seconds.items():
         value = float(np.median(values))
         print(f"{name:46s} {1000 * value:7.1f}   {value / baseline:5.2f}")

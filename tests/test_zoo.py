@@ -372,6 +372,19 @@ def test_pretraining_looks_frame_the_chosen_images_and_name_the_frame_in_the_cap
     assert not all(torch.equal(plain[k], looks[k]) for k in plain)
 
 
+def _theta0_and_head(classes: int = 4):
+    """A fresh recipe-shaped tower's state (the zoo's "visual." names) and a fixed random unit head:
+    the inputs of the `finetune` tests below."""
+    import torch.nn.functional as F
+
+    from engine.zoo import build as B
+
+    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
+    head = F.normalize(torch.randn(classes, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)),
+                       dim=1)
+    return theta0, head
+
+
 @pytest.mark.fast
 def test_the_anchor_keeps_pool_embeddings_near_theta0():
     """Recipe -3's function-preserving term: the same fine-tuning with the anchor on moves the
@@ -386,8 +399,7 @@ def test_the_anchor_keeps_pool_embeddings_near_theta0():
     images = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 4, 64)
     pool = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
-    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    theta0, head = _theta0_and_head()
     base = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=30, finetune_batch=16, finetune_lr=4e-3,
                                finetune_logit_scale=20.0)
     ref = B._new_model(0)
@@ -420,8 +432,7 @@ def test_the_partial_term_makes_a_fraction_of_the_task_vector_work():
     labels = rng.integers(0, 4, 64)
     for image, label in zip(images, labels):
         image[16 * (label // 2):16 * (label // 2) + 16, 16 * (label % 2):16 * (label % 2) + 16] += 120
-    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
-    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    theta0, head = _theta0_and_head()
     base = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=1, finetune_batch=16, finetune_lr=4e-3,
                                finetune_logit_scale=20.0, finetune_shift=0.0)
     plain = B.finetune(theta0, head, images, labels, base, 0, 0)[1]
@@ -450,15 +461,12 @@ def test_side_batches_feed_the_partial_term_and_the_anchor_fewer_images(monkeypa
     images; 0 means the whole batch, as before the fields existed."""
     import dataclasses
 
-    import torch.nn.functional as F
-
     from engine.zoo import build as B
 
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
     pool = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
-    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    theta0, head = _theta0_and_head()
     base = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=2, finetune_batch=16, finetune_anchor=1.0,
                                finetune_partial=1.0, finetune_shift=0.0)
     seen: list[int] = []
@@ -483,15 +491,12 @@ def test_a_precomputed_anchor_reference_trains_the_same_expert():
     batch: the same reference up to float rounding, so the same losses and weights to ~1e-5."""
     import dataclasses
 
-    import torch.nn.functional as F
-
     from engine.zoo import build as B
 
     rng = np.random.default_rng(1)
     images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
     pool = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)  # more than one 256-image chunk
-    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
-    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    theta0, head = _theta0_and_head()
     recipe = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=5, finetune_batch=16, finetune_anchor=10.0,
                                  finetune_shift=0.0, finetune_lr=4e-3)
     per_step, loss_a = B.finetune(theta0, head, images, labels, recipe, 0, 0, anchor_images=pool)
@@ -511,14 +516,11 @@ def test_decay_to_start_shrinks_the_first_step_toward_theta_0():
     vector is exactly (1 - lr_0 * d) times the undecayed one."""
     import dataclasses
 
-    import torch.nn.functional as F
-
     from engine.zoo import build as B
 
     rng = np.random.default_rng(2)
     images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
-    theta0 = {f"visual.{k}": v for k, v in B._new_model(0).state_dict().items()}
-    head = F.normalize(torch.randn(4, B.MODEL_KWARGS["output_dim"], generator=torch.Generator().manual_seed(1)), dim=1)
+    theta0, head = _theta0_and_head()
     recipe = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=1, finetune_batch=16, finetune_lr=4e-3,
                                  finetune_shift=0.0)
     plain = B.finetune(theta0, head, images, labels, recipe, 0, 0)[0].state_dict()

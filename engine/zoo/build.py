@@ -465,8 +465,9 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
         if recipe.finetune_anchor_precomputed:
             with torch.no_grad():
                 z_anchor = torch.cat([F.normalize(reference(chunk), dim=-1) for chunk in x_anchor.split(256)])
-    if recipe.finetune_partial > 0 or recipe.finetune_decay_to_start > 0:
+    if recipe.finetune_partial > 0 or recipe.finetune_decay_to_start > 0:  # both measure from theta_0
         start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    if recipe.finetune_partial > 0:
         g_partial = _generator(seed, 5, task_index)
         partial_batch = recipe.finetune_partial_batch or recipe.finetune_batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
