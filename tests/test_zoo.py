@@ -24,7 +24,7 @@ from engine.evaluate import AccuracyReport, as_suite, evaluate, evaluate_model, 
 from engine.zoo import load_zoo
 from engine.zoo.build import build_zoo
 from engine.zoo import tasks as zoo_tasks
-from engine.zoo.build import QUICK_RECIPE, RECIPE_VERSION
+from engine.zoo.build import QUICK_RECIPE, RECIPE_VERSION, recipe_with
 from engine.zoo.manifest import MANIFEST_NAME, load_pretraining_pool
 from engine.zoo.suite import ZooSuite, preprocess_images
 
@@ -41,12 +41,127 @@ def engine_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_quick_build_is_deterministic(quick_zoo, tmp_path):
-    again = build_zoo(tmp_path / "zoo", quick=True)
+    """Built again the way the full recipe builds (pretraining in a child process, the tasks' images
+    rendered ahead by a worker while it runs, experts in two worker processes), the quick zoo holds the
+    same tensors as the session's in-process build."""
+    again = build_zoo(tmp_path / "zoo", quick=True, recipe=recipe_with(QUICK_RECIPE, {"processes": "true"}),
+                      workers=2)
     first, second = quick_zoo.manifest, again.manifest
+    assert second["build"]["workers"] == 2 and second["recipe"]["processes"]
     # Every checkpoint, head, test split and the pool hold the same tensors, bit for bit. (Not the same
     # file bytes: safetensors writes its metadata map in a random order.)
     assert first["content_sha256"] == second["content_sha256"]
     assert first["table"] == second["table"]
+
+
+def test_an_expert_from_images_rendered_ahead_is_the_same_expert(quick_zoo, tmp_path):
+    """The render-ahead path (splits rendered into a stash while theta_0 pretrains) gives an expert job
+    the same images, so the same test split, example grid and expert, as rendering in the job."""
+    import dataclasses
+    import shutil
+
+    from engine.zoo import build as B
+
+    recipe = dataclasses.replace(B.QUICK_RECIPE, n_train=64, n_test=24, finetune_steps=4)
+    heads = B._load_open_clip(quick_zoo.root / "heads.safetensors")
+    roots, jobs = [tmp_path / "rendered_ahead", tmp_path / "rendered_in_job"], []
+    for root in roots:
+        (root / "data").mkdir(parents=True)
+        for name in ("pretrained.safetensors", "data/pool.safetensors"):
+            shutil.copyfile(quick_zoo.root / name, root / name)
+        jobs.append({"task": "arrows", "task_index": 6, "seed": 0, "root": str(root),
+                     "recipe": dataclasses.asdict(recipe), "recipe_version": "test",
+                     "pretrained_file": "pretrained.safetensors", "expert_file": "experts/arrows.safetensors",
+                     "test_file": "data/arrows.test.safetensors", "examples_file": "examples/arrows.png",
+                     "head": heads["arrows"].numpy()})
+    stash = tmp_path / "stash"
+    stash.mkdir()
+    B._render_ahead([jobs[0]], str(stash))
+    assert sorted(p.name for p in stash.iterdir()) == ["arrows.npz"]  # no half-written file left
+    ahead = B._expert_job({**jobs[0], "stash": str(stash)})
+    in_job = B._expert_job(jobs[1])
+    assert ahead["rendered_ahead"] and not in_job["rendered_ahead"]
+    for name in ("experts/arrows.safetensors", "data/arrows.test.safetensors"):
+        a, b = (B._load_open_clip(root / name) for root in roots)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (roots[0] / "examples/arrows.png").read_bytes() == (roots[1] / "examples/arrows.png").read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+def test_build_workers_exit_when_the_build_is_killed(tmp_path):
+    """A killed `zoo build` leaves no worker behind: a worker busy with a long job (an expert's
+    fine-tuning, here a sleep) exits within seconds of its parent's SIGKILL instead of finishing it."""
+    import signal
+    import textwrap
+
+    script = tmp_path / "killed_build.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing, os, time
+        from concurrent.futures import ProcessPoolExecutor
+        from engine.zoo.build import _exit_with_parent
+
+        if __name__ == "__main__":
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_exit_with_parent) as workers:
+                print(workers.submit(os.getpid).result(), flush=True)
+                workers.submit(time.sleep, 60)
+                time.sleep(60)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(1.0)  # the worker is in its 60-second job
+        assert _alive(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+def test_a_build_stopped_by_sigterm_leaves_no_process_or_temporary_file(tmp_path):
+    """`kill` on a running `zoo build` (pretraining in its child, the renderer working ahead) ends it
+    with status 143 within seconds, with no child process left and its temporary folder removed."""
+    import signal
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    build = subprocess.Popen(
+        [sys.executable, "-m", "engine", "zoo", "build", "--quick", "--dir", str(tmp_path / "zoo"),
+         "--set", "processes=true", "--workers", "2"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)})
+    try:
+        for line in build.stderr:  # the renderer starts before pretraining, so both are running now
+            if "pretraining: step" in line:
+                break
+        children = [int(pid) for pid in Path(f"/proc/{build.pid}/task/{build.pid}/children").read_text().split()]
+        assert len(children) >= 2, children  # the renderer and the pretraining process (+ resource tracker)
+        build.send_signal(signal.SIGTERM)
+        assert build.wait(timeout=20) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in children)
+        assert list(scratch.glob("merge-explorer-zoo-*")) == []  # (torch may leave caches of its own there)
+    finally:
+        build.kill()
+        build.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone or a zombie (an orphan's zombie waits for whoever adopts it to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state
 
 
 def test_an_up_to_date_zoo_is_not_rebuilt(quick_zoo):
@@ -531,6 +646,32 @@ def test_decay_to_start_shrinks_the_first_step_toward_theta_0():
         for name, value in plain.items():
             start = theta0[f"visual.{name}"]
             assert torch.allclose(decayed[name] - start, factor * (value - start), atol=1e-7), name
+
+
+@pytest.mark.fast
+def test_skipping_deterministic_modes_nan_fill_changes_no_bit():
+    """The build's torch settings turn off deterministic mode's NaN fill of new tensors (a fifth of a
+    pretraining step): no kernel reads uninitialised memory, so an expert trains to the same bits."""
+    import dataclasses
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
+    pool = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    theta0, head = _theta0_and_head()
+    recipe = dataclasses.replace(B.FULL_RECIPE, finetune_steps=3, finetune_batch=16)
+    trained = {}
+    before = torch.utils.deterministic.fill_uninitialized_memory
+    for fill in (True, False):
+        with B._torch_settings(1):
+            assert torch.utils.deterministic.fill_uninitialized_memory is False
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            trained[fill] = B.finetune(theta0, head, images, labels, recipe, 0, 0, anchor_images=pool)[0].state_dict()
+        assert torch.utils.deterministic.fill_uninitialized_memory is before
+    for name, value in trained[True].items():
+        assert torch.equal(value, trained[False][name]), name
+    assert not torch.equal(trained[True]["conv1.weight"], theta0["visual.conv1.weight"])
 
 
 # ---- recipe experiments: variants of the recipe in their own folders ------------------------

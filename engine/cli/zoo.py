@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import signal
 import sys
 import time
 
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{int(100 * fraction):3d}%] {time.perf_counter() - start:6.1f} s  {message}", file=sys.stderr,
                   flush=True)
 
+        if fresh:
+            _stop_cleanly_on_sigterm()
         zoo = build_zoo(root, quick=args.quick, progress=progress if fresh else None, force=args.force,
                         seed=args.seed, workers=args.workers, recipe=recipe, pretrained_from=args.pretrained_from)
         if not fresh and not args.json:
@@ -120,3 +124,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_text(zoo)
     return 0
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """A build stopped by SIGTERM (`kill`, a supervisor) ends like one stopped by Ctrl-C: its worker
+    processes stop at once and its temporary files are removed (Python's default would skip both)."""
+    def stop(signum, frame):
+        for child in multiprocessing.active_children():
+            child.kill()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)

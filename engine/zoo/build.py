@@ -34,6 +34,11 @@ Determinism: every random draw comes from a generator seeded by (seed, purpose);
 `torch.use_deterministic_algorithms` and fixed thread counts (2 for pretraining, 1 per expert, so
 experts can train in parallel worker processes without changing a bit), so the same seed gives
 the same bytes on the same kind of CPU.
+
+Time: pretraining keeps one of two cores busy whatever its thread count, so a low-priority process
+renders the tasks' images meanwhile, and each expert job takes its task's images from it (or renders
+them itself, for the tasks it did not reach): same pixels, same bits, about a minute less on 2
+cores (benchmarks/zoo_build_stages.py).
 """
 from __future__ import annotations
 
@@ -45,9 +50,11 @@ import multiprocessing
 import os
 import platform
 import shutil
+import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -257,16 +264,23 @@ MERGES = (
 
 @contextmanager
 def _torch_settings(threads: int):
-    """Deterministic kernels and a fixed thread count, restored afterwards."""
+    """Deterministic kernels and a fixed thread count, restored afterwards.
+
+    Deterministic mode also fills every new tensor with NaN by default, to expose reads of
+    uninitialised memory; no kernel here reads it (the results are the same bits either way,
+    tests/test_zoo.py), and on this small tower the fill costs up to a fifth of a pretraining step."""
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
 def _generator(seed: int, *purpose: int) -> torch.Generator:
@@ -508,33 +522,99 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
     return model.eval(), float(np.mean(losses[-max(1, len(losses) // 10):]))
 
 
+def _job_recipe(job: dict[str, Any]) -> Recipe:
+    return Recipe(**{**job["recipe"], "tasks": tuple(job["recipe"]["tasks"])})
+
+
+def _render_splits(job: dict[str, Any], recipe: Recipe) -> dict[str, np.ndarray]:
+    """One task's test and training splits (the training split is never stored in the zoo). Needs no
+    theta_0, so it can run while pretraining does."""
+    spec, seed = task_defs.get_task(job["task"]), job["seed"]
+    test_images, test_labels = task_defs.render_split(spec, "test", recipe.n_test, seed, recipe.task_frame)
+    train_images, train_labels = task_defs.render_split(spec, "train", recipe.n_train, seed, recipe.task_frame)
+    return {"test_images": test_images, "test_labels": test_labels,
+            "train_images": train_images, "train_labels": train_labels}
+
+
+def _stash_file(stash: str | Path, task: str) -> Path:
+    return Path(stash) / f"{task}.npz"
+
+
+def _render_ahead_child(jobs: list[dict[str, Any]], stash: str) -> None:
+    """The process that renders the tasks' splits while theta_0 pretrains (killed when pretraining
+    ends). Two threads pretrain no faster than one, so the second core is mostly free; at low priority
+    the renderer slows pretraining by about a third while it runs and finishes all eight tasks in the
+    first half of it, which saves the expert stage more than that (benchmarks/zoo_build_stages.py)."""
+    _exit_with_parent(niceness=10)
+    _render_ahead(jobs, stash)
+
+
+def _render_ahead(jobs: list[dict[str, Any]], stash: str) -> None:
+    """Render each job's splits into `stash`, in order; each task's file appears complete or not at
+    all (written aside, then renamed), so a killed renderer leaves only finished tasks."""
+    with _torch_settings(FINETUNE_THREADS):
+        for job in jobs:
+            splits = _render_splits(job, _job_recipe(job))
+            final = _stash_file(stash, job["task"])
+            partial = final.with_suffix(".partial.npz")
+            np.savez(partial, **splits)
+            os.replace(partial, final)
+
+
 def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One task, start to finish (runs in a worker process): render its splits, save the test split
-    and example grid, fine-tune its expert from theta_0 and save it."""
+    """One task, start to finish (runs in a worker process): render its splits (unless they were
+    rendered ahead into `job["stash"]`), save the test split and example grid, fine-tune its expert
+    from theta_0 and save it."""
     start = time.perf_counter()
-    recipe = Recipe(**{**job["recipe"], "tasks": tuple(job["recipe"]["tasks"])})
+    recipe = _job_recipe(job)
     task, seed, root = job["task"], job["seed"], Path(job["root"])
     spec = task_defs.get_task(task)
     with _torch_settings(FINETUNE_THREADS):
-        test_images, test_labels = task_defs.render_split(spec, "test", recipe.n_test, seed, recipe.task_frame)
-        _save_arrays(root / job["test_file"], {"images": test_images, "labels": test_labels},
+        if job.get("stash"):
+            with np.load(_stash_file(job["stash"], task)) as stashed:
+                splits = {name: stashed[name] for name in stashed.files}
+        else:
+            splits = _render_splits(job, recipe)
+        render_s = 0.0 if job.get("stash") else time.perf_counter() - start
+        _save_arrays(root / job["test_file"], {"images": splits["test_images"], "labels": splits["test_labels"]},
                      {"zoo_task": task, "split": "test", "classes": list(spec.classes)})
         (root / job["examples_file"]).parent.mkdir(parents=True, exist_ok=True)
-        task_defs.example_grid(test_images, test_labels, spec.num_classes,
+        task_defs.example_grid(splits["test_images"], splits["test_labels"], spec.num_classes,
                                per_class=recipe.examples_per_class).save(root / job["examples_file"])
-        train_images, train_labels = task_defs.render_split(spec, "train", recipe.n_train, seed, recipe.task_frame)
-        render_s = time.perf_counter() - start
         pretrained_state = _load_open_clip(root / job["pretrained_file"])
         head = torch.from_numpy(job["head"])
         anchor = _load_arrays(root / "data/pool.safetensors")["images"] if recipe.finetune_anchor > 0 else None
         if anchor is not None and recipe.finetune_anchor_looks > 0:
             anchor = task_defs.with_other_looks(anchor, task, recipe.tasks, recipe.task_frame,
                                                 recipe.finetune_anchor_looks)
-        model, loss = finetune(pretrained_state, head, train_images, train_labels, recipe, seed, job["task_index"],
-                               anchor_images=anchor)
+        model, loss = finetune(pretrained_state, head, splits["train_images"], splits["train_labels"], recipe, seed,
+                               job["task_index"], anchor_images=anchor)
         _save_model(root / job["expert_file"], model, {"zoo_task": task, "role": "expert",
                                                        "recipe_version": job["recipe_version"], "seed": seed})
-    return {"task": task, "render_s": render_s, "seconds": time.perf_counter() - start, "final_loss": loss}
+    return {"task": task, "render_s": render_s, "rendered_ahead": bool(job.get("stash")),
+            "seconds": time.perf_counter() - start, "final_loss": loss}
+
+
+def _stop(process: multiprocessing.process.BaseProcess) -> None:
+    if process.is_alive():
+        process.kill()
+    process.join()
+
+
+def _exit_with_parent(niceness: int = 0) -> None:
+    """Initialiser of the build's worker processes: a worker whose build was killed (SIGTERM, SIGKILL)
+    would otherwise go on fine-tuning its expert for minutes; this one exits within a second.
+    `niceness` > 0 lowers the worker's priority."""
+    if niceness and hasattr(os, "nice"):
+        os.nice(niceness)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _pretrain_stage(root: Path, recipe: Recipe, seed: int, progress: Progress,
@@ -603,6 +683,7 @@ def _reuse_pretraining(root: Path, source: Path, recipe: Recipe, seed: int, prog
 
 
 def _pretrain_child(root: str, recipe: dict[str, Any], seed: int, queue, version: str = RECIPE_VERSION) -> None:
+    _exit_with_parent()
     try:
         recipe_ = Recipe(**{**recipe, "tasks": tuple(recipe["tasks"])})
         timings = _pretrain_stage(Path(root), recipe_, seed, lambda f, m: queue.put(("progress", f, m)), version)
@@ -737,41 +818,56 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
         shutil.rmtree(root / stale, ignore_errors=True)
 
     start_all = time.perf_counter()
-    # 1-2. The generic pool, CLIP-style pretraining, zero-shot heads from canonical renders.
-    if source is not None:
-        timings = _reuse_pretraining(root, source, recipe, seed, lambda f, m: report(0.4 * f, m))
-    else:
-        stage = _pretrain_in_child if recipe.processes else _pretrain_stage
-        timings = stage(root, recipe, seed, lambda f, m: report(0.4 * f, m), version)
-    heads = {t: h.numpy() for t, h in _load_open_clip(root / "heads.safetensors").items()}
+    spawn = multiprocessing.get_context("spawn")
+    jobs = [{"task": task, "task_index": [t.name for t in task_defs.TASKS].index(task), "seed": seed,
+             "root": str(root), "recipe": dataclasses.asdict(recipe), "recipe_version": version,
+             "pretrained_file": "pretrained.safetensors", "expert_file": f"experts/{task}.safetensors",
+             "test_file": f"data/{task}.test.safetensors", "examples_file": f"examples/{task}.png"}
+            for task in recipe.tasks]
+    with ExitStack() as stack:
+        renderer = stash = None
+        if source is None and recipe.processes and workers > 1:
+            stash = stack.enter_context(tempfile.TemporaryDirectory(prefix="merge-explorer-zoo-"))
+            with _passive_openmp():
+                renderer = spawn.Process(target=_render_ahead_child, args=(jobs, stash), name="zoo-render-ahead",
+                                         daemon=True)
+                renderer.start()
+            stack.callback(_stop, renderer)
 
-    # 3. One expert per task (parallel workers; each single-threaded and deterministic).
-    start = time.perf_counter()
-    jobs = []
-    for i, task in enumerate(recipe.tasks):
-        jobs.append({"task": task, "task_index": [t.name for t in task_defs.TASKS].index(task), "seed": seed,
-                     "root": str(root), "recipe": dataclasses.asdict(recipe), "recipe_version": version,
-                     "pretrained_file": "pretrained.safetensors",
-                     "head": heads[task], "expert_file": f"experts/{task}.safetensors",
-                     "test_file": f"data/{task}.test.safetensors", "examples_file": f"examples/{task}.png"})
-    results: dict[str, dict[str, Any]] = {}
-    report(0.4, f"fine-tuning {len(jobs)} experts ({workers} worker{'s' if workers > 1 else ''})")
-    if workers > 1:
-        with _passive_openmp(), ProcessPoolExecutor(max_workers=workers,
-                                                    mp_context=multiprocessing.get_context("spawn")) as pool_exec:
-            futures = [pool_exec.submit(_expert_job, job) for job in jobs]
-            for future in as_completed(futures):
-                result = future.result()
+        # 1-2. The generic pool, CLIP-style pretraining, zero-shot heads from canonical renders.
+        if source is not None:
+            timings = _reuse_pretraining(root, source, recipe, seed, lambda f, m: report(0.4 * f, m))
+        else:
+            stage = _pretrain_in_child if recipe.processes else _pretrain_stage
+            timings = stage(root, recipe, seed, lambda f, m: report(0.4 * f, m), version)
+        heads = {t: h.numpy() for t, h in _load_open_clip(root / "heads.safetensors").items()}
+        if renderer is not None:  # what it has not finished, each expert job renders itself
+            _stop(renderer)
+        for job in jobs:
+            job["head"] = heads[job["task"]]
+            if stash is not None and _stash_file(stash, job["task"]).is_file():
+                job["stash"] = stash
+
+        # 3. One expert per task (parallel workers; each single-threaded and deterministic).
+        start = time.perf_counter()
+        results: dict[str, dict[str, Any]] = {}
+        report(0.4, f"fine-tuning {len(jobs)} experts ({workers} worker{'s' if workers > 1 else ''})")
+        if workers > 1:
+            with _passive_openmp(), ProcessPoolExecutor(max_workers=workers, mp_context=spawn,
+                                                        initializer=_exit_with_parent) as pool_exec:
+                futures = [pool_exec.submit(_expert_job, job) for job in jobs]
+                for future in as_completed(futures):
+                    result = future.result()
+                    results[result["task"]] = result
+                    report(0.4 + 0.5 * len(results) / len(jobs),
+                           f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
+        else:
+            for job in jobs:
+                result = _expert_job(job)
                 results[result["task"]] = result
                 report(0.4 + 0.5 * len(results) / len(jobs),
                        f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
-    else:
-        for job in jobs:
-            result = _expert_job(job)
-            results[result["task"]] = result
-            report(0.4 + 0.5 * len(results) / len(jobs),
-                   f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
-    timings["experts_s"] = time.perf_counter() - start
+        timings["experts_s"] = time.perf_counter() - start
 
     # 4. Measure: a provisional manifest lets engine.evaluate read the zoo like any other.
     start = time.perf_counter()
@@ -831,7 +927,8 @@ def _manifest(root: Path, recipe: Recipe, seed: int, quick: bool, results: dict[
         "recipe": {**dataclasses.asdict(recipe), "tasks": list(recipe.tasks), "targets": TARGETS,
                    "finetune_threads": FINETUNE_THREADS},
         "tasks": tasks,
-        "experts": {t: {"final_train_loss": r["final_loss"], "seconds": r["seconds"]} for t, r in results.items()},
+        "experts": {t: {"final_train_loss": r["final_loss"], "seconds": r["seconds"], "render_s": round(r["render_s"], 2),
+                        "rendered_ahead": r["rendered_ahead"]} for t, r in results.items()},
         "content_sha256": {path: _sha256(root / path) for path in hashed},
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
