@@ -41,9 +41,9 @@ def engine_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_quick_build_is_deterministic(quick_zoo, tmp_path):
-    """Built again the way the full recipe builds (pretraining in a child process, the tasks' images
-    rendered ahead by a worker while it runs, experts in two worker processes), the quick zoo holds the
-    same tensors as the session's in-process build."""
+    """Built again the way the full recipe builds (pretraining in a child process with a renderer
+    working ahead beside it, experts in two worker processes), the quick zoo holds the same tensors as
+    the session's in-process build."""
     again = build_zoo(tmp_path / "zoo", quick=True, recipe=recipe_with(QUICK_RECIPE, {"processes": "true"}),
                       workers=2)
     first, second = quick_zoo.manifest, again.manifest
