@@ -522,8 +522,9 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
     return model.eval(), float(np.mean(losses[-max(1, len(losses) // 10):]))
 
 
-def _job_recipe(job: dict[str, Any]) -> Recipe:
-    return Recipe(**{**job["recipe"], "tasks": tuple(job["recipe"]["tasks"])})
+def _recipe_from(fields: dict[str, Any]) -> Recipe:
+    """The Recipe a child process was sent as `dataclasses.asdict` (its tasks arrive as a list)."""
+    return Recipe(**{**fields, "tasks": tuple(fields["tasks"])})
 
 
 def _render_splits(job: dict[str, Any], recipe: Recipe) -> dict[str, np.ndarray]:
@@ -551,14 +552,14 @@ def _render_ahead_child(jobs: list[dict[str, Any]], stash: str) -> None:
 
 def _render_ahead(jobs: list[dict[str, Any]], stash: str) -> None:
     """Render each job's splits into `stash`, in order; each task's file appears complete or not at
-    all (written aside, then renamed), so a killed renderer leaves only finished tasks."""
-    with _torch_settings(FINETUNE_THREADS):
-        for job in jobs:
-            splits = _render_splits(job, _job_recipe(job))
-            final = _stash_file(stash, job["task"])
-            partial = final.with_suffix(".partial.npz")
-            np.savez(partial, **splits)
-            os.replace(partial, final)
+    all (written aside, then renamed), so a killed renderer leaves only finished tasks. (Rendering is
+    numpy and PIL only: no torch settings to fix.)"""
+    for job in jobs:
+        splits = _render_splits(job, _recipe_from(job["recipe"]))
+        final = _stash_file(stash, job["task"])
+        partial = final.with_suffix(".partial.npz")
+        np.savez(partial, **splits)
+        os.replace(partial, final)
 
 
 def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -566,7 +567,7 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
     rendered ahead into `job["stash"]`), save the test split and example grid, fine-tune its expert
     from theta_0 and save it."""
     start = time.perf_counter()
-    recipe = _job_recipe(job)
+    recipe = _recipe_from(job["recipe"])
     task, seed, root = job["task"], job["seed"], Path(job["root"])
     spec = task_defs.get_task(task)
     with _torch_settings(FINETUNE_THREADS):
@@ -685,7 +686,7 @@ def _reuse_pretraining(root: Path, source: Path, recipe: Recipe, seed: int, prog
 def _pretrain_child(root: str, recipe: dict[str, Any], seed: int, queue, version: str = RECIPE_VERSION) -> None:
     _exit_with_parent()
     try:
-        recipe_ = Recipe(**{**recipe, "tasks": tuple(recipe["tasks"])})
+        recipe_ = _recipe_from(recipe)
         timings = _pretrain_stage(Path(root), recipe_, seed, lambda f, m: queue.put(("progress", f, m)), version)
         queue.put(("done", timings))
     except BaseException as exc:  # report, then die: the parent raises
