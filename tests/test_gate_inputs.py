@@ -12,7 +12,7 @@ from helpers import tiny_tower
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.analysis.gate_inputs import gate_input_report, novel_share, orthonormal_span
+from engine.analysis.gate_inputs import common_share, gate_input_report, novel_share, orthonormal_span
 from engine.errors import ConfigError
 from engine.methods.mingle import MingleEncoder
 
@@ -39,6 +39,33 @@ def test_orthonormal_span_drops_dependent_columns():
     assert torch.allclose(span.T @ span, torch.eye(2, dtype=torch.float64), atol=1e-12)
     assert novel_share(torch.tensor([0.0, 0.0, 1.0]), span) == pytest.approx(1.0)  # e3 is outside span(e1, e2)
     assert orthonormal_span([_e(3)]).shape == (3, 0)
+
+
+@pytest.mark.fast
+def test_common_share_by_hand():
+    # x̄_1 = (1, 1), x̄_2 = (1, -1): m = (1, 0), so 1 of the mean squared length 2 is common.
+    assert common_share(torch.tensor([[1.0, 1.0], [1.0, -1.0]])) == pytest.approx(0.5)
+    assert common_share(torch.tensor([[3.0, 4.0], [3.0, 4.0], [3.0, 4.0]])) == pytest.approx(1.0)  # all alike
+    assert common_share(torch.tensor([[2.0, 0.0], [-2.0, 0.0]])) == 0.0  # they cancel
+    # (3, 0), (0, 4): m = (1.5, 2), |m|² = 6.25 against a mean |x̄|² of 12.5.
+    assert common_share(torch.tensor([[3.0, 0.0], [0.0, 4.0]])) == pytest.approx(0.5)
+    assert common_share(torch.zeros(3, 5)) == 0.0
+
+
+@pytest.mark.fast
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), tasks=st.integers(2, 8), d=st.integers(1, 12))
+def test_common_share_properties(seed, tasks, d):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tasks, d, generator=gen, dtype=torch.float64)
+    share = common_share(x)
+    assert 0.0 <= share <= 1.0 + 1e-12  # |mean|² <= mean |x|²
+    r, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    assert common_share(x @ r.T) == pytest.approx(share, abs=1e-10)  # rotations change nothing
+    assert common_share(3.0 * x) == pytest.approx(share, abs=1e-10)  # nor does scale
+    # The rest is the tasks' spread about their mean: mean |x̄_t|² = |m|² + mean |x̄_t - m|².
+    spread = float((x - x.mean(0)).pow(2).sum(1).mean() / x.pow(2).sum(1).mean())
+    assert share + spread == pytest.approx(1.0, abs=1e-10)
 
 
 @pytest.mark.fast
@@ -88,6 +115,9 @@ def test_report_matches_an_independent_computation_on_plain_open_clip():
         inside = other.T @ means[task]
         expected = 1 - inside @ inside / (means[task] @ means[task])
         assert report.novel[report.layers.index("encoder.layers.1.mlp.fc1"), k] == pytest.approx(expected, abs=1e-6)
+    m = (means["bright"] + means["noise"]) / 2
+    expected_common = m @ m / ((means["bright"] @ means["bright"] + means["noise"] @ means["noise"]) / 2)
+    assert report.common[report.layers.index("encoder.layers.1.mlp.fc1")] == pytest.approx(expected_common, abs=1e-6)
 
 
 @pytest.mark.fast
@@ -118,10 +148,12 @@ def test_cli_on_the_quick_zoo(quick_zoo, capsys):
     assert set(shares["per_task"]) == set(tasks) and all(0.0 <= v <= 1.0 for v in shares["per_task"].values())
     assert shares["mean"] == pytest.approx(np.mean(list(shares["per_task"].values())))
     assert len(shares["per_layer"]) == 6 * 4  # six linears per block, four blocks
+    common = payload["common_share"]
+    assert set(common["per_layer"]) == set(shares["per_layer"]) and all(0 <= v <= 1 for v in common["per_layer"].values())
 
     assert main(["gate-inputs", "--zoo", str(quick_zoo.root), "--limit", "16", "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert "novel share" in text and all(t in text for t in tasks)
+    assert "novel share" in text and "common share" in text and all(t in text for t in tasks)
 
     for bad, message in ((["--tasks", tasks[0]], "at least two"), (["--subspace-k", "-1"], "0 or more"),
                          (["--tasks", "nope", tasks[0]], "nope")):

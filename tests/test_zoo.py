@@ -487,6 +487,44 @@ def test_pretraining_looks_frame_the_chosen_images_and_name_the_frame_in_the_cap
     assert not all(torch.equal(plain[k], looks[k]) for k in plain)
 
 
+def _common_offset_share(model, images) -> float:
+    """Mean over the block linears' input layers (layer norms, MLP hidden) of |mean x|^2 / mean |x|^2."""
+    from engine.zoo import build as B
+
+    shares = []
+
+    def record(module, inputs, output):
+        x = output.reshape(-1, output.shape[-1]).double()
+        shares.append(float(x.mean(0).pow(2).sum() / x.pow(2).sum(-1).mean()))
+
+    handles = [m.register_forward_hook(record) for block in model.transformer.resblocks
+               for m in (block.ln_1, block.ln_2, block.mlp.gelu)]
+    with torch.no_grad():
+        model.eval()(B._normalize(B._to_input(images)))
+    for h in handles:
+        h.remove()
+    return float(np.mean(shares))
+
+
+@pytest.mark.fast
+def test_the_centring_penalty_shrinks_the_common_offset_of_layer_inputs():
+    """Recipe.pretrain_centre penalises the batch-and-token mean of every layer norm's and MLP hidden
+    layer's output: the same short pretraining leaves a much smaller common offset with it, and the
+    returned tower carries no training hooks."""
+    import dataclasses
+
+    from engine.zoo import build as B
+
+    pool, concepts = zoo_tasks.render_pool(256, 0)
+    recipe = dataclasses.replace(B.QUICK_RECIPE, pretrain_steps=12, pretrain_batch=16)
+    plain = B.pretrain(pool, concepts, recipe, 0)
+    centred = B.pretrain(pool, concepts, dataclasses.replace(recipe, pretrain_centre=10.0), 0)
+    held_out = zoo_tasks.render_pool(64, 1)[0]
+    before, after = _common_offset_share(plain, held_out), _common_offset_share(centred, held_out)
+    assert after < 0.5 * before, (before, after)
+    for module in centred.modules():
+        assert not module._forward_hooks
+
 def _theta0_and_head(classes: int = 4):
     """A fresh recipe-shaped tower's state (the zoo's "visual." names) and a fixed random unit head:
     the inputs of the `finetune` tests below."""
@@ -674,6 +712,60 @@ def test_skipping_deterministic_modes_nan_fill_changes_no_bit():
     assert not torch.equal(trained[True]["conv1.weight"], theta0["visual.conv1.weight"])
 
 
+@pytest.mark.fast
+def test_a_rank_limited_expert_moves_each_block_linear_by_at_most_rank_r():
+    """finetune_rank = r cuts every block linear's delta (q, k and v apart) back to rank r after each
+    step; the other parameters train as before. Unlimited, the deltas are (nearly) full rank."""
+    import dataclasses
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(4)
+    images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
+    theta0, head = _theta0_and_head()
+    recipe = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=6, finetune_batch=16, finetune_lr=4e-3,
+                                 finetune_shift=0.0)
+
+    def delta_ranks(r):
+        model = B.finetune(theta0, head, images, labels, dataclasses.replace(recipe, finetune_rank=r), 0, 0)[0]
+        state = model.state_dict()
+        ranks = []
+        for name, rows in B.block_linear_slices(model):
+            s = torch.linalg.svdvals((state[name][rows] - theta0[f"visual.{name}"][rows]).double())
+            ranks.append(int((s > 1e-5 * s[0]).sum()))
+        return ranks, state
+
+    limited, state = delta_ranks(2)
+    assert len(limited) == 6 * B.MODEL_KWARGS["layers"]  # q, k, v, out, fc1, fc2 in every block
+    assert max(limited) == 2
+    assert not torch.equal(state["ln_post.weight"], theta0["visual.ln_post.weight"])  # the rest still trains
+    free, _ = delta_ranks(0)
+    assert min(free) > 2
+
+
+@pytest.mark.fast
+def test_block_linears_only_leaves_every_other_parameter_at_theta_0():
+    """finetune_block_linears_only trains the matrices MINGLE equips with experts and nothing else,
+    with the partial term and the decay toward theta_0 on."""
+    import dataclasses
+
+    from engine.zoo import build as B
+
+    rng = np.random.default_rng(5)
+    images, labels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 4, 32)
+    theta0, head = _theta0_and_head()
+    recipe = dataclasses.replace(B.QUICK_RECIPE, finetune_steps=3, finetune_batch=16, finetune_lr=4e-3,
+                                 finetune_shift=0.0, finetune_block_linears_only=True, finetune_partial=1.0,
+                                 finetune_decay_to_start=0.5)
+    model = B.finetune(theta0, head, images, labels, recipe, 0, 0)[0]
+    moving = {name for name, _ in B.block_linear_slices(model)}
+    for name, value in model.state_dict().items():
+        if name in moving:
+            assert not torch.equal(value, theta0[f"visual.{name}"]), name
+        else:
+            assert torch.equal(value, theta0[f"visual.{name}"]), name
+
+
 # ---- recipe experiments: variants of the recipe in their own folders ------------------------
 
 
@@ -694,7 +786,9 @@ def test_recipe_fields_are_set_from_text_and_bad_ones_are_named():
                       ({"finetune_anchor_looks": "0.5"}, "needs task_frame > 0"),
                       ({"finetune_anchor_looks": "2", "task_frame": "2"}, "a share from 0 to 1"),
                       ({"finetune_anchor_batch": "65"}, "finetune_anchor_batch takes 0 (= finetune_batch) up to"),
-                      ({"finetune_partial_batch": "-1"}, "finetune_partial_batch takes 0")]:
+                      ({"finetune_partial_batch": "-1"}, "finetune_partial_batch takes 0"),
+                      ({"finetune_rank": "-2"}, "finetune_rank and pretrain_centre take 0 (off) or more"),
+                      ({"pretrain_centre": "-1"}, "finetune_rank and pretrain_centre take 0 (off) or more")]:
         with pytest.raises(MergeExplorerError, match=re.escape(says)) as caught:
             recipe_with(QUICK_RECIPE, bad)
         assert "\n" not in str(caught.value)

@@ -39,6 +39,20 @@ def novel_share(mean_input: torch.Tensor, basis: torch.Tensor) -> float:
     return max(0.0, 1.0 - float(inside @ inside) / norm2)
 
 
+def common_share(mean_inputs: torch.Tensor) -> float:
+    """‖m‖² / mean_t ‖x̄_t‖² for the tasks' mean inputs x̄_t (rows), m their mean: how much of a task's
+    mean input every task has in common (1 = all alike, 0 = they cancel; 0.0 when every x̄_t is 0).
+
+    A gate reads w·x̄_t; the part w·m is the same on every task, so a gate that learns m opens on
+    every task alike. MINGLE's first gate is never projected and learns it whenever it is large."""
+    x = mean_inputs.double()
+    total = float(x.pow(2).sum(1).mean())
+    if total == 0.0:
+        return 0.0
+    m = x.mean(0)
+    return float(m @ m) / total
+
+
 def orthonormal_span(bases: Sequence[torch.Tensor]) -> torch.Tensor:
     """An orthonormal basis (d, m) of the span of several bases' columns, dropping dependent ones."""
     stacked = torch.cat([b.double() for b in bases], dim=1)
@@ -56,6 +70,7 @@ class GateInputReport:
     subspace_k: int
     novel: np.ndarray  # (layers, tasks): novel share of each task's mean input, 0…1
     images_per_task: dict[str, int]
+    common: np.ndarray | None = None  # (layers,): share of the tasks' mean inputs they all have in common
 
     @property
     def per_task(self) -> np.ndarray:
@@ -75,6 +90,8 @@ class GateInputReport:
                                 "per_task": dict(zip(self.tasks, self.per_task.tolist())),
                                 "per_layer": dict(zip(self.layers, self.per_layer.tolist())),
                                 "matrix": self.novel.tolist()},
+                "common_share": None if self.common is None else
+                {"mean": float(self.common.mean()), "per_layer": dict(zip(self.layers, self.common.tolist()))},
                 "images_per_task": self.images_per_task}
 
 
@@ -125,13 +142,15 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
         for h in handles:
             h.remove()
     novel = np.zeros((len(layers), len(tasks)))
+    common = np.zeros(len(layers))
     for i in range(len(layers)):
+        common[i] = common_share(sums[i] / torch.as_tensor(tokens, dtype=torch.float64, device=device)[:, None])
         bases = [top_subspace(moments[i][k], subspace_k) for k in range(len(tasks))]
         for k in range(len(tasks)):
             others = orthonormal_span([b for j, b in enumerate(bases) if j != k])
             novel[i, k] = novel_share(sums[i][k] / tokens[k], others)
     return GateInputReport(tasks=tasks, layers=layers, subspace_k=subspace_k, novel=novel,
-                           images_per_task={t: len(images_by_task[t]) for t in tasks})
+                           images_per_task={t: len(images_by_task[t]) for t in tasks}, common=common)
 
 
 def measure_gate_inputs(suite, tasks: Sequence[str] | None = None, *, limit: int | None = None,

@@ -50,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
     for task, value in zip(report.tasks, report.per_task):
         print(f"  {task:<{width}}  {100 * value:5.1f} %")
     print(f"  {'mean':<{width}}  {100 * report.mean:5.1f} %  (over {len(report.layers)} linears)")
+    print(f"common share of the tasks' mean layer inputs (what every task has alike, which an unprojected gate "
+          f"learns first): {100 * float(report.common.mean()):.1f} %")
     return 0

@@ -133,6 +133,10 @@ class Recipe:
     # caption names the frame as well as the subject ("<concept>, <colour> border"), so theta_0
     # tells looks apart before it sees any task, as CLIP tells a satellite tile from a scan.
     pretrain_looks: int = 0
+    # Weight of a pretraining penalty on the common offset of the block linears' inputs: for each
+    # layer norm output and MLP hidden layer, |batch-and-token mean|^2 / mean |x|^2 (0 = off). A gate
+    # that reads a layer's mean input can only tell tasks apart by what is not common to all of them.
+    pretrain_centre: float = 0.0
     # Weight of a second cross-entropy term on the *partial* expert theta_0 + s * (theta - theta_0),
     # s drawn log-uniformly from [1/8, 1] each step (0 = off): asks each task vector to work already
     # at a fraction of its length, as a large CLIP's do (docs/zoo-recipe.md, the alpha curve).
@@ -151,6 +155,14 @@ class Recipe:
     # moves every weight back by lr * this * (theta - theta_0), so entries no gradient keeps pushing
     # shrink and a task vector keeps what its task consistently needs (0 = off).
     finetune_decay_to_start: float = 0.0
+    # Rank of each block linear's task delta (q, k, v, out, fc1, fc2 of every block; 0 = unconstrained):
+    # after every step the delta theta - theta_0 of each of those matrices is cut back to its best rank-r
+    # approximation. A large CLIP's task matrices are nearly low-rank; a tiny tower's are not (entropy
+    # effective rank 40-57 of 64), and MINGLE's projection then removes half of every later expert.
+    finetune_rank: int = 0
+    # Fine-tune only the block linears' weight matrices (the ones MINGLE equips with experts; biases,
+    # layer norms, embeddings and the output projection stay at theta_0).
+    finetune_block_linears_only: bool = False
 
 
 FULL_RECIPE = Recipe(
@@ -163,7 +175,7 @@ FULL_RECIPE = Recipe(
 # The fields that decide theta_0 (with the seed and MODEL_KWARGS): a variant zoo may reuse another
 # zoo's pretrained tower only when they are equal (build_zoo's `pretrained_from`).
 PRETRAINING_FIELDS = ("pool_size", "pool_stored", "pretrain_steps", "pretrain_batch", "pretrain_lr",
-                      "pretrain_weight_decay", "pretrain_threads", "pretrain_looks")
+                      "pretrain_weight_decay", "pretrain_threads", "pretrain_looks", "pretrain_centre")
 
 
 def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
@@ -195,6 +207,9 @@ def recipe_with(base: Recipe, overrides: dict[str, Any]) -> Recipe:
                                  f"not {looks} with task_frame={frame}")
     if recipe.pretrain_looks < 0 or (recipe.pretrain_looks > 0 and frame <= 0):
         raise MergeExplorerError("zoo build: pretrain_looks takes a count of colours >= 0 and needs task_frame > 0")
+    if recipe.finetune_rank < 0 or recipe.pretrain_centre < 0:
+        raise MergeExplorerError(f"zoo build: finetune_rank and pretrain_centre take 0 (off) or more, not "
+                                 f"{recipe.finetune_rank} and {recipe.pretrain_centre}")
     for name in ("finetune_partial_batch", "finetune_anchor_batch"):
         if not 0 <= getattr(recipe, name) <= recipe.finetune_batch:
             raise MergeExplorerError(f"zoo build: {name} takes 0 (= finetune_batch) up to finetune_batch "
@@ -424,6 +439,15 @@ def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
         palette = torch.tensor(task_defs.look_palette(n_looks), dtype=torch.float32) / 255.0
         trained.append(look_words)
     optimizer = torch.optim.AdamW(trained, lr=recipe.pretrain_lr, weight_decay=recipe.pretrain_weight_decay)
+    offsets: list[torch.Tensor] = []
+    handles = []
+    if recipe.pretrain_centre > 0:
+        def record_offset(module, inputs, output):
+            x = output.reshape(-1, output.shape[-1])
+            offsets.append(x.mean(0).pow(2).sum() / x.pow(2).sum(-1).mean())
+        for block in model.transformer.resblocks:
+            for module in (block.ln_1, block.ln_2, block.mlp.gelu):
+                handles.append(module.register_forward_hook(record_offset))
     model.train()
     for step in range(recipe.pretrain_steps):
         for group in optimizer.param_groups:
@@ -441,12 +465,17 @@ def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
         z = F.normalize(model(_normalize(x)), dim=-1)
         logits = log_scale.clamp(max=math.log(100.0)).exp() * z @ texts.T
         loss = F.cross_entropy(logits, target)
+        if offsets:
+            loss = loss + recipe.pretrain_centre * torch.stack(offsets).mean()
+            offsets.clear()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress is not None and (step % 50 == 0 or step == recipe.pretrain_steps - 1):
             progress((step + 1) / recipe.pretrain_steps, f"pretraining: step {step + 1}/{recipe.pretrain_steps}, "
                                                          f"caption loss {loss.item():.2f}")
+    for handle in handles:
+        handle.remove()
     return model.eval()
 
 
@@ -479,12 +508,17 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
         if recipe.finetune_anchor_precomputed:
             with torch.no_grad():
                 z_anchor = torch.cat([F.normalize(reference(chunk), dim=-1) for chunk in x_anchor.split(256)])
-    if recipe.finetune_partial > 0 or recipe.finetune_decay_to_start > 0:  # both measure from theta_0
+    if recipe.finetune_partial > 0 or recipe.finetune_decay_to_start > 0 or recipe.finetune_rank > 0:  # from theta_0
         start = {name: p.detach().clone() for name, p in model.named_parameters()}
     if recipe.finetune_partial > 0:
         g_partial = _generator(seed, 5, task_index)
         partial_batch = recipe.finetune_partial_batch or recipe.finetune_batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.finetune_lr, weight_decay=recipe.finetune_weight_decay)
+    if recipe.finetune_block_linears_only:
+        moving = {name for name, _ in block_linear_slices(model)}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in moving)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.finetune_lr,
+                                  weight_decay=recipe.finetune_weight_decay)
     model.train()
     losses = []
     for step in range(recipe.finetune_steps):
@@ -518,8 +552,33 @@ def finetune(pretrained_state: dict[str, torch.Tensor], head: torch.Tensor, imag
                 shrink = optimizer.param_groups[0]["lr"] * recipe.finetune_decay_to_start
                 for name, p in model.named_parameters():
                     p.sub_(shrink * (p - start[name]))
+        if recipe.finetune_rank > 0:
+            _cut_delta_rank(model, start, recipe.finetune_rank)
         losses.append(loss.item())
     return model.eval(), float(np.mean(losses[-max(1, len(losses) // 10):]))
+
+
+def block_linear_slices(model: torch.nn.Module) -> list[tuple[str, slice]]:
+    """(parameter name, row slice) of every block linear's weight matrix, q, k and v apart (open_clip
+    stacks them in one in_proj_weight)."""
+    out = []
+    for i, block in enumerate(model.transformer.resblocks):
+        w = block.attn.in_proj_weight.shape[1]
+        prefix = f"transformer.resblocks.{i}"
+        out += [(f"{prefix}.attn.in_proj_weight", slice(j * w, (j + 1) * w)) for j in range(3)]
+        out += [(f"{prefix}.attn.out_proj.weight", slice(None)), (f"{prefix}.mlp.c_fc.weight", slice(None)),
+                (f"{prefix}.mlp.c_proj.weight", slice(None))]
+    return out
+
+
+@torch.no_grad()
+def _cut_delta_rank(model: torch.nn.Module, start: dict[str, torch.Tensor], rank: int) -> None:
+    """Each block linear's delta from theta_0 replaced by its best rank-`rank` approximation (truncated SVD)."""
+    params = dict(model.named_parameters())
+    for name, rows in block_linear_slices(model):
+        p, p0 = params[name][rows], start[name][rows]
+        u, s, vh = torch.linalg.svd(p - p0, full_matrices=False)
+        p.copy_(p0 + (u[:, :rank] * s[:rank]) @ vh[:rank])
 
 
 def _recipe_from(fields: dict[str, Any]) -> Recipe:
