@@ -464,7 +464,7 @@ def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
             texts, target = F.normalize(captions, dim=-1), labels[index]
         z = F.normalize(model(_normalize(x)), dim=-1)
         logits = log_scale.clamp(max=math.log(100.0)).exp() * z @ texts.T
-        loss = F.cross_entropy(logits, target)
+        caption_loss = loss = F.cross_entropy(logits, target)
         if offsets:
             loss = loss + recipe.pretrain_centre * torch.stack(offsets).mean()
             offsets.clear()
@@ -473,7 +473,7 @@ def pretrain(pool: np.ndarray, concepts: np.ndarray, recipe: Recipe, seed: int,
         optimizer.step()
         if progress is not None and (step % 50 == 0 or step == recipe.pretrain_steps - 1):
             progress((step + 1) / recipe.pretrain_steps, f"pretraining: step {step + 1}/{recipe.pretrain_steps}, "
-                                                         f"caption loss {loss.item():.2f}")
+                                                         f"caption loss {caption_loss.item():.2f}")
     for handle in handles:
         handle.remove()
     return model.eval()
