@@ -525,6 +525,7 @@ def test_the_centring_penalty_shrinks_the_common_offset_of_layer_inputs():
     for module in centred.modules():
         assert not module._forward_hooks
 
+
 def _theta0_and_head(classes: int = 4):
     """A fresh recipe-shaped tower's state (the zoo's "visual." names) and a fixed random unit head:
     the inputs of the `finetune` tests below."""
