@@ -70,7 +70,7 @@ class GateInputReport:
     subspace_k: int
     novel: np.ndarray  # (layers, tasks): novel share of each task's mean input, 0…1
     images_per_task: dict[str, int]
-    common: np.ndarray | None = None  # (layers,): share of the tasks' mean inputs they all have in common
+    common: np.ndarray  # (layers,): share of the tasks' mean inputs they all have in common, 0…1
 
     @property
     def per_task(self) -> np.ndarray:
@@ -90,8 +90,8 @@ class GateInputReport:
                                 "per_task": dict(zip(self.tasks, self.per_task.tolist())),
                                 "per_layer": dict(zip(self.layers, self.per_layer.tolist())),
                                 "matrix": self.novel.tolist()},
-                "common_share": None if self.common is None else
-                {"mean": float(self.common.mean()), "per_layer": dict(zip(self.layers, self.common.tolist()))},
+                "common_share": {"mean": float(self.common.mean()),
+                                 "per_layer": dict(zip(self.layers, self.common.tolist()))},
                 "images_per_task": self.images_per_task}
 
 
@@ -143,12 +143,14 @@ def gate_input_report(encoder, images_by_task: Mapping[str, torch.Tensor], *, su
             h.remove()
     novel = np.zeros((len(layers), len(tasks)))
     common = np.zeros(len(layers))
+    token_counts = torch.as_tensor(tokens, dtype=torch.float64, device=device)[:, None]
     for i in range(len(layers)):
-        common[i] = common_share(sums[i] / torch.as_tensor(tokens, dtype=torch.float64, device=device)[:, None])
+        means = sums[i] / token_counts  # (tasks, d_in): each task's token- and image-mean input
+        common[i] = common_share(means)
         bases = [top_subspace(moments[i][k], subspace_k) for k in range(len(tasks))]
         for k in range(len(tasks)):
             others = orthonormal_span([b for j, b in enumerate(bases) if j != k])
-            novel[i, k] = novel_share(sums[i][k] / tokens[k], others)
+            novel[i, k] = novel_share(means[k], others)
     return GateInputReport(tasks=tasks, layers=layers, subspace_k=subspace_k, novel=novel,
                            images_per_task={t: len(images_by_task[t]) for t in tasks}, common=common)
 

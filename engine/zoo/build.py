@@ -655,6 +655,20 @@ def _expert_job(job: dict[str, Any]) -> dict[str, Any]:
             "seconds": time.perf_counter() - start, "final_loss": loss}
 
 
+def _run_expert_jobs(jobs: list[dict[str, Any]], workers: int, context):
+    """Each job's result as it finishes: on `workers` worker processes (each single-threaded and
+    deterministic, exiting if the build dies), or one after another in this process."""
+    if workers > 1:
+        with _passive_openmp(), ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                                    initializer=_exit_with_parent) as pool_exec:
+            futures = [pool_exec.submit(_expert_job, job) for job in jobs]
+            for future in as_completed(futures):
+                yield future.result()
+    else:
+        for job in jobs:
+            yield _expert_job(job)
+
+
 def _stop(process: multiprocessing.process.BaseProcess) -> None:
     if process.is_alive():
         process.kill()
@@ -912,21 +926,10 @@ def build_zoo(root: str | Path | None = None, quick: bool = False, progress: Pro
         start = time.perf_counter()
         results: dict[str, dict[str, Any]] = {}
         report(0.4, f"fine-tuning {len(jobs)} experts ({workers} worker{'s' if workers > 1 else ''})")
-        if workers > 1:
-            with _passive_openmp(), ProcessPoolExecutor(max_workers=workers, mp_context=spawn,
-                                                        initializer=_exit_with_parent) as pool_exec:
-                futures = [pool_exec.submit(_expert_job, job) for job in jobs]
-                for future in as_completed(futures):
-                    result = future.result()
-                    results[result["task"]] = result
-                    report(0.4 + 0.5 * len(results) / len(jobs),
-                           f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
-        else:
-            for job in jobs:
-                result = _expert_job(job)
-                results[result["task"]] = result
-                report(0.4 + 0.5 * len(results) / len(jobs),
-                       f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
+        for result in _run_expert_jobs(jobs, workers, spawn):
+            results[result["task"]] = result
+            report(0.4 + 0.5 * len(results) / len(jobs),
+                   f"fine-tuned {result['task']} ({len(results)}/{len(jobs)}, {result['seconds']:.0f} s)")
         timings["experts_s"] = time.perf_counter() - start
 
     # 4. Measure: a provisional manifest lets engine.evaluate read the zoo like any other.
